@@ -1,0 +1,1 @@
+"""Ray actors: hospital groups, the coordinator and the ledger replicas."""

@@ -1,0 +1,1 @@
+"""Cluster set-up and job launch: Ray connection, configuration, the CLI."""

@@ -1,0 +1,1 @@
+"""Sub-commands of the medfed CLI, one module per command group."""

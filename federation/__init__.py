@@ -1,0 +1,1 @@
+"""Federated learning core without Ray: models, local training, aggregation, privacy, secure aggregation, metrics."""

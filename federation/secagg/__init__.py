@@ -1,0 +1,1 @@
+"""Secure aggregation: pairwise masking with Shamir recovery, and CKKS homomorphic sums."""

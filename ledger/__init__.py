@@ -1,0 +1,1 @@
+"""The permissioned ledger: Raft consensus, durable log, signed entries, rules and blocks. Pure: no Ray."""

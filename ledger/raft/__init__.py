@@ -1,0 +1,1 @@
+"""Raft consensus as a pure state machine, and its deterministic simulator."""
