@@ -54,8 +54,7 @@ def ray_session(
     address = address or os.environ.get("RAY_ADDRESS") or None
     started_local = address is None
     if started_local:
-        # Ray binds the machine's routable address unless told otherwise.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        _pin_to_loopback()
         kwargs = dict(
             num_cpus=_local_cpus(num_cpus),
             include_dashboard=False,
@@ -79,6 +78,20 @@ def ray_session(
         yield info
     finally:
         ray.shutdown()
+
+
+def _pin_to_loopback() -> None:
+    """Makes a local instance bind 127.0.0.1 instead of the routable address.
+
+    Ray picks the machine's network address for the GCS and raylet even with
+    ``_node_ip_address`` set. Its own switch for "local only" is an
+    environment variable read once at import, so it is set for the child
+    processes Ray spawns and patched into the already imported constant.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _summary(ray, local: bool, started: bool) -> dict:
