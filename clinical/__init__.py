@@ -1,1 +1,2 @@
-"""Clinical data: the Diabetes 130 loader, preprocessing, hospital partitions and the synthetic consortium."""
+"""Clinical data: the Diabetes 130 loader, preprocessing, hospital partitions
+and the synthetic consortium."""
