@@ -326,3 +326,29 @@ def verify_proof(proof: dict, root: str | None = None) -> bool:
     if root is not None and root.lower() not in (proof["merkle_root"], proof["block_hash"]):
         return False
     return merkle.verify_inclusion(leaf, index, size, path, expected)
+
+
+def read_blocks(path: str | Path) -> tuple[list[Block], str | None]:
+    """Blocks of a block file, read-only, up to the first damaged record.
+
+    Returns (blocks, problem) where problem describes where reading stopped,
+    or None when the whole file was read. Nothing is checked but checksums;
+    use ``verify`` to check the chain.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / BLOCKS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"block file {path} not found")
+    data = path.read_bytes()
+    records, end, why = scan(data)
+    blocks = []
+    for offset, payload in records:
+        try:
+            record = _decode_record(payload)
+        except (ValueError, KeyError, TypeError) as exc:
+            return blocks, f"record at offset {offset} is unreadable: {exc}"
+        if isinstance(record, Block):
+            blocks.append(record)
+    problem = None if end == len(data) else f"record at offset {end} is damaged ({why})"
+    return blocks, problem

@@ -23,23 +23,27 @@ import json
 import logging
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from ledger.recordlog import RecordLog, TailRepair, atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
-_ENTRY = struct.Struct(">QQ")
+_ENTRY = struct.Struct(">QQB")
 
 
-@dataclass(frozen=True)
-class LogEntry:
-    """One Raft log entry: its index, the term it was proposed in, opaque data."""
+class LogEntry(NamedTuple):
+    """One Raft log entry: index, term it was proposed in, kind, opaque data.
+
+    Fields are in the order of ``ledger.raft.messages.Entry``, so
+    ``Entry(*log_entry)`` converts (with ``EntryType(log_entry.type)``).
+    """
 
     index: int
     term: int
+    type: int = 0
     data: bytes = b""
 
 
@@ -58,7 +62,7 @@ class SnapshotMeta:
 
     index: int = 0
     term: int = 0
-    voters: list = field(default_factory=list)
+    voters: tuple = ()
 
 
 class StorageError(ValueError):
@@ -66,12 +70,13 @@ class StorageError(ValueError):
 
 
 def _encode_entry(entry: Any) -> bytes:
-    return _ENTRY.pack(entry.index, entry.term) + bytes(entry.data)
+    kind = int(getattr(entry, "type", 0))
+    return _ENTRY.pack(entry.index, entry.term, kind) + bytes(entry.data)
 
 
 def _decode_entry(payload: bytes) -> LogEntry:
-    index, term = _ENTRY.unpack_from(payload, 0)
-    return LogEntry(index, term, payload[_ENTRY.size :])
+    index, term, kind = _ENTRY.unpack_from(payload, 0)
+    return LogEntry(index, term, kind, payload[_ENTRY.size :])
 
 
 class DurableStorage:
@@ -148,7 +153,7 @@ class DurableStorage:
             raise StorageError(f"{path}: expected 2 records, found {len(payloads)}")
         meta = json.loads(payloads[0])
         return (
-            SnapshotMeta(int(meta["index"]), int(meta["term"]), list(meta["voters"])),
+            SnapshotMeta(int(meta["index"]), int(meta["term"]), tuple(meta["voters"])),
             payloads[1],
         )
 
@@ -156,13 +161,18 @@ class DurableStorage:
         """The latest snapshot's metadata and bytes (index 0 and b"" when none)."""
         return self._snap_meta, self._snap_data
 
-    def apply_snapshot(self, meta: SnapshotMeta, data: bytes) -> None:
+    def apply_snapshot(self, meta: Any, data: bytes | None = None) -> None:
         """Save a snapshot, then drop log entries it covers.
+
+        ``meta`` has ``index``, ``term`` and ``voters`` (a ``SnapshotMeta`` or
+        Raft's ``Snapshot``); ``data`` defaults to ``meta.data``.
 
         Entries after ``meta.index`` are kept only when the log holds
         ``meta.index`` with ``meta.term`` (Raft's rule); otherwise the whole log
         is discarded because it conflicts with the snapshot.
         """
+        data = meta.data if data is None else data
+        meta = SnapshotMeta(int(meta.index), int(meta.term), tuple(meta.voters))
         if meta.index < self._snap_meta.index:
             raise StorageError(
                 f"snapshot at index {meta.index} is older than the stored one "

@@ -71,6 +71,71 @@ class EntryRecord:
         return names
 
 
+def block_records(
+    block: Block, first_seq: int, parsed: list | None = None
+) -> list[EntryRecord]:
+    """Records of a block's entries; ``parsed`` are their parsed entries if known."""
+    if parsed is None:
+        parsed = []
+        for item in block.entries:
+            try:
+                parsed.append(E.parse(item.raw))
+            except E.MalformedEntry:
+                parsed.append(None)
+    out = []
+    for position, (item, entry) in enumerate(zip(block.entries, parsed)):
+        out.append(EntryRecord(
+            item.id, block.height, block.raft_index, first_seq + position,
+            position, item.accepted, item.reason,
+            entry.type if entry else None, entry.signer if entry else None,
+            entry.nonce if entry else None, entry.timestamp if entry else None,
+            entry.body if entry else None,
+        ))
+    return out
+
+
+def filter_records(
+    records: list[EntryRecord], *, round: int | None = None,
+    member: str | None = None, type: str | None = None,
+    accepted: bool | None = None,
+) -> list[EntryRecord]:
+    """The records matching every filter given."""
+    out = []
+    for record in records:
+        if type is not None and record.type != type:
+            continue
+        if round is not None and (record.body or {}).get("round") != round:
+            continue
+        if member is not None and member not in record.members():
+            continue
+        if accepted is not None and record.accepted != accepted:
+            continue
+        out.append(record)
+    return out
+
+
+def find_record(records: list[EntryRecord], entry_id: str, where: str) -> EntryRecord:
+    """The first record with ``entry_id`` (or a unique prefix of 8+ characters)."""
+    entry_id = entry_id.lower()
+    exact = [r for r in records if r.entry_id == entry_id]
+    if exact:
+        return exact[0]
+    ids = {r.entry_id for r in records
+           if len(entry_id) >= 8 and r.entry_id.startswith(entry_id)}
+    if len(ids) == 1:
+        return next(r for r in records if r.entry_id in ids)
+    if len(ids) > 1:
+        raise ValueError(f"entry id prefix {entry_id!r} matches {len(ids)} entries")
+    raise ValueError(f"entry {entry_id!r} is not in the ledger at {where}")
+
+
+def write_jsonl(records: list[EntryRecord], out: IO[str]) -> int:
+    """Write one JSON object per record to ``out``; returns how many."""
+    for record in records:
+        out.write(json.dumps(asdict(record), sort_keys=True) + "\n")
+    return len(records)
+
+
 class Ledger:
     """Rules + chain + block file of one replica directory.
 
@@ -87,7 +152,6 @@ class Ledger:
         self._blocks = BlockStore(self.dir / BLOCKS_FILE)
         self.repair: TailRepair | None = self._blocks.repair
         self._records: list[EntryRecord] = []
-        self._by_id: dict[str, int] = {}
         self._applied_raft_index = 0
 
         anchor = self._blocks.anchor
@@ -175,17 +239,7 @@ class Ledger:
 
     def _index(self, block: Block, parsed: list) -> None:
         first_seq = self.state.applied_index - len(block.entries) + 1
-        for position, (item, entry) in enumerate(zip(block.entries, parsed)):
-            record = EntryRecord(
-                item.id, block.height, block.raft_index, first_seq + position,
-                position, item.accepted, item.reason,
-                entry.type if entry else None, entry.signer if entry else None,
-                entry.nonce if entry else None, entry.timestamp if entry else None,
-                entry.body if entry else None,
-            )
-            # A replayed entry keeps the id of its first appearance for proofs.
-            self._by_id.setdefault(record.entry_id, len(self._records))
-            self._records.append(record)
+        self._records.extend(block_records(block, first_seq, parsed))
 
     # -- snapshots ----------------------------------------------------------
 
@@ -219,7 +273,7 @@ class Ledger:
         atomic_write(self.dir / STATE_FILE, bytes(data))
         self._blocks.reset_to_anchor(anchor)
         self.state = state
-        self._records, self._by_id = [], {}
+        self._records = []
         self._applied_raft_index = anchor.raft_index
         log.info("ledger %s restored from snapshot at block %d (raft index %d)",
                  self.dir, anchor.height, anchor.raft_index)
@@ -234,29 +288,12 @@ class Ledger:
         type: str | None = None, accepted: bool | None = None,
     ) -> list[EntryRecord]:
         """Entries matching every filter given (round in the body, member, type)."""
-        out = []
-        for record in self._records:
-            if type is not None and record.type != type:
-                continue
-            if round is not None and (record.body or {}).get("round") != round:
-                continue
-            if member is not None and member not in record.members():
-                continue
-            if accepted is not None and record.accepted != accepted:
-                continue
-            out.append(record)
-        return out
+        return filter_records(self._records, round=round, member=member, type=type,
+                              accepted=accepted)
 
     def find(self, entry_id: str) -> EntryRecord:
         """The entry with this id (a unique prefix of 8+ hex characters works)."""
-        if entry_id in self._by_id:
-            return self._records[self._by_id[entry_id]]
-        matches = [k for k in self._by_id if len(entry_id) >= 8 and k.startswith(entry_id)]
-        if len(matches) == 1:
-            return self._records[self._by_id[matches[0]]]
-        if len(matches) > 1:
-            raise ValueError(f"entry id prefix {entry_id!r} matches {len(matches)} entries")
-        raise ValueError(f"entry {entry_id!r} is not in the ledger at {self.dir}")
+        return find_record(self._records, entry_id, where=str(self.dir))
 
     def prove(self, entry_id: str) -> dict:
         """Inclusion proof of an entry (see ``ledger.chain.make_proof``)."""
@@ -265,9 +302,7 @@ class Ledger:
 
     def export_jsonl(self, out: IO[str]) -> int:
         """Write one JSON object per entry to ``out``; returns how many."""
-        for record in self._records:
-            out.write(json.dumps(asdict(record), sort_keys=True) + "\n")
-        return len(self._records)
+        return write_jsonl(self._records, out)
 
     def close(self) -> None:
         self._blocks.close()
