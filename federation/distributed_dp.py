@@ -182,7 +182,8 @@ def sample_gaussian(
     uniforms = (raw >> np.uint64(11)).astype(np.float64) * 2.0**-53
     u1, u2 = 1.0 - uniforms[:pairs], uniforms[pairs:]
     radius = np.sqrt(-2.0 * np.log(u1))
-    z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])
+    angle = 2 * np.pi * u2
+    z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])
     return sigma * z[:size]
 
 

@@ -156,7 +156,10 @@ def test_large_ranges_stay_uniform_with_a_numpy_generator():
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: ddp.sample_discrete_gaussian(0.0, 3), "sigma must be a positive finite number, got 0.0"),
+        (
+            lambda: ddp.sample_discrete_gaussian(0.0, 3),
+            "sigma must be a positive finite number, got 0.0",
+        ),
         (lambda: ddp.share_sigma(1.0, 0), "n_expected must be at least 1, got 0"),
         (lambda: ddp.share_sigma(-1.0, 3), "sigma_total must be positive, got -1.0"),
         (
