@@ -226,6 +226,10 @@ class PrivateTrainer:
         the round; it is computed from the rows without noise and so is NOT
         covered by epsilon. Default False: ``metrics["loss"]`` is None.
     secure_mode: Opacus's cryptographic noise; needs ``torchcsprng``.
+    proximal_mu: FedProx coefficient (default 0.0). Its gradient
+        ``mu * (w - w_global)`` does not depend on any row, so it is applied
+        after the noisy step and costs no privacy; SGD only.
+    name: the hospital's name, used in logs and in ``BudgetExhausted``.
 
     With ``dp.epsilon`` and no ``dp.noise_multiplier``, the noise multiplier is
     calibrated once, here, for ``planned_rounds * local_epochs * ceil(n /
@@ -249,6 +253,7 @@ class PrivateTrainer:
         budget_epsilon: float | None = None,
         report_loss: bool = False,
         secure_mode: bool = False,
+        proximal_mu: float = 0.0,
         name: str = "hospital",
     ) -> None:
         if batch_size < 1:
@@ -262,6 +267,13 @@ class PrivateTrainer:
             )
         if local_epochs < 1:
             raise ValueError(f"local_epochs must be at least 1, got {local_epochs}")
+        if proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+        if proximal_mu > 0 and optimizer != "sgd":
+            raise ValueError(
+                f"proximal_mu={proximal_mu} is supported with optimizer='sgd' "
+                f"only, got {optimizer!r}; use SGD or set proximal_mu=0"
+            )
         if budget_epsilon is not None and not budget_epsilon > 0:
             raise ValueError(f"budget_epsilon must be positive, got {budget_epsilon}")
         X, y = _as_features(X, y)
@@ -273,6 +285,7 @@ class PrivateTrainer:
         self.batch_size = int(batch_size)
         self.lr = float(lr)
         self.local_epochs = int(local_epochs)
+        self.proximal_mu = float(proximal_mu)
         self.report_loss = report_loss
         self.device = resolve_device(device)
         self.num_samples = int(X.shape[0])
@@ -430,6 +443,8 @@ class PrivateTrainer:
         # Each round restarts from the global model with a fresh optimizer state.
         set_weights(self._inner, global_weights)
         self.optimizer.original_optimizer.state.clear()
+        params = list(self._inner.parameters())
+        anchors = [p.detach().clone() for p in params] if self.proximal_mu else None
         self.model.train()
         steps_before = self.steps_taken()
         loss_sum = torch.zeros((), device=self.device)
@@ -442,7 +457,19 @@ class PrivateTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     loss = self.loss_fn(self.model(xb), yb)
                     loss.backward()
+
+                    # FedProx: the proximal gradient is row-free, so it joins
+                    # the noisy SGD step outside Opacus (same update as one
+                    # step on the sum of both gradients).
+                    pulls = None
+                    if anchors is not None:
+                        with torch.no_grad():
+                            pulls = [p - a for p, a in zip(params, anchors)]
                     self.optimizer.step()
+                    if pulls is not None:
+                        with torch.no_grad():
+                            for p, pull in zip(params, pulls):
+                                p.sub_(pull, alpha=self.lr * self.proximal_mu)
                     # An empty Poisson batch still takes a noisy step.
                     if yb.shape[0]:
                         loss_sum += loss.detach() * yb.shape[0]

@@ -181,3 +181,35 @@ def test_same_seed_reproduces_the_update():
     b = PrivateTrainer("mlp", X, y, dp, batch_size=30, hidden=4, seed=3)
     w = get_weights(build_model("mlp", 3, hidden=4, seed=3))
     assert np.array_equal(a.fit(w).delta, b.fit(w).delta)
+
+
+def test_proximal_term_pulls_the_update_toward_the_global_model():
+    X, y = _separable(400, 3, seed=8)
+    dp = DPConfig(noise_multiplier=1.0, accountant="rdp")
+    plain = PrivateTrainer("logreg", X, y, dp, batch_size=40, lr=0.5, seed=1)
+    prox = PrivateTrainer(
+        "logreg", X, y, dp, batch_size=40, lr=0.5, seed=1, proximal_mu=1.0
+    )
+    w = _initial(3)
+    plain_delta, prox_delta = plain.fit(w).delta, prox.fit(w).delta
+
+    # Same seed, same noise and batches: only the pull differs, and it shrinks
+    # the step without costing privacy.
+    assert np.linalg.norm(prox_delta) < np.linalg.norm(plain_delta)
+    assert prox.spent() == plain.spent()
+    with pytest.raises(ValueError, match="optimizer='sgd' only, got 'adam'"):
+        PrivateTrainer("logreg", X, y, dp, optimizer="adam", proximal_mu=0.1)
+
+
+def test_secure_mode_without_its_package_fails_clearly():
+    try:
+        import torchcsprng  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torchcsprng is installed: secure mode is available")
+    X, y = _separable(100, 2, seed=9)
+    with pytest.raises(ValueError, match="secure_mode=True needs the torchcsprng"):
+        PrivateTrainer(
+            "logreg", X, y, DPConfig(noise_multiplier=1.0), secure_mode=True
+        )
