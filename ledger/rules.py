@@ -134,8 +134,8 @@ class LedgerState:
         allowed = PERMISSIONS[entry.type]
         if member.role != allowed:
             raise Rejected(
-                f"role violation: {entry.signer} is a {member.role}; only a "
-                f"{allowed} may send {entry.type}"
+                f"role violation: {entry.signer} has role {member.role}; "
+                f"{entry.type} needs role {allowed}"
             )
 
     def _dispatch(self, entry: E.SignedEntry, index: int) -> None:
