@@ -190,6 +190,11 @@ def _local_split(patients: np.ndarray, spec: DataSpec, h: int
 
 def _build_diabetes(spec: DataSpec) -> tuple[Prepared, np.ndarray]:
     frame = preprocess.cohort(diabetes130.load_raw(spec.path))
+    if spec.partition == "natural" and spec.attribute not in frame.columns:
+        raise DataError(
+            f"natural partition attribute {spec.attribute!r} is not a "
+            f"Diabetes 130 column; use e.g. admission_source_id or payer_code"
+        )
     y = preprocess.target(frame, spec.target)
     train_rows, test_rows = preprocess.split_by_patient(
         frame["patient_nbr"].to_numpy(), spec.test_fraction, spec.seed)
@@ -201,11 +206,6 @@ def _build_diabetes(spec: DataSpec) -> tuple[Prepared, np.ndarray]:
 
     groups = None
     if spec.partition == "natural":
-        if spec.attribute not in frame.columns:
-            raise DataError(
-                f"natural partition attribute {spec.attribute!r} is not a "
-                f"Diabetes 130 column; use e.g. admission_source_id or payer_code"
-            )
         groups = train[spec.attribute].astype("string").fillna("missing").to_numpy(str)
     parts = partition.partition(y_train, spec.hospitals, spec.partition,
                                 alpha=spec.alpha, groups=groups, seed=spec.seed)

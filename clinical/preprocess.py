@@ -170,8 +170,9 @@ class Preprocessor:
         for column in CATEGORICAL:
             levels = [*self.categories[column], OTHER]
             text = _categorical_text(frame, column).astype(str)
+            # Levels unseen or rare at fit time all mean "other".
+            text = text.where(text.isin(levels), OTHER)
             code = pd.Categorical(text, categories=levels).codes
-            code = np.where(code < 0, len(levels) - 1, code)
             blocks.append(np.eye(len(levels), dtype=np.float32)[code])
 
         return np.hstack(blocks).astype(np.float32, copy=False)
