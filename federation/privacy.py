@@ -1,17 +1,17 @@
 """Record-level differential privacy at one hospital: DP-SGD with Opacus.
 
 Each hospital trains with DP-SGD (Abadi et al. 2016, "Deep Learning with
-Differential Privacy", CCS): per-patient gradients are clipped to an L2 norm of
+Differential Privacy", CCS): per-row gradients are clipped to an L2 norm of
 ``max_grad_norm`` and Gaussian noise of standard deviation
 ``noise_multiplier * max_grad_norm`` is added to their sum at every step.
-Batches come from Poisson sampling (each patient joins a batch independently
+Batches come from Poisson sampling (each row joins a batch independently
 with probability ``sample_rate``), which the accountants assume; batch sizes
 therefore vary.
 
 One Opacus ``PrivacyEngine`` per hospital lives across all rounds, so the
 epsilon it reports composes over every local step of every round. The privacy
 unit is one training row (one encounter) of this hospital; a patient with
-several encounters is protected only to ``k * epsilon``-ish group privacy.
+``k`` encounters is protected only by group privacy, roughly ``k * epsilon``.
 
 Known shortcomings, stated plainly:
 
