@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clinical import diabetes130, partition, preprocess, synthetic
+from clinical import partition, synthetic
+from clinical.split import split_by_patient
 from clinical.errors import DataError
 from clinical.spec import DataSpec
 
@@ -184,11 +185,15 @@ def _local_split(patients: np.ndarray, spec: DataSpec, h: int
     """Splits one hospital's rows into local train/validation by patient."""
     if spec.val_fraction == 0 or len(np.unique(patients)) < 2:
         return np.arange(len(patients)), np.arange(0)
-    return preprocess.split_by_patient(patients, spec.val_fraction,
-                                       seed=spec.seed * 1000 + 7 + h)
+    return split_by_patient(patients, spec.val_fraction,
+                            seed=spec.seed * 1000 + 7 + h)
 
 
 def _build_diabetes(spec: DataSpec) -> tuple[Prepared, np.ndarray]:
+    # Imported here: pandas costs about a second to import, and hospital
+    # actors reading a built cache never need it.
+    from clinical import diabetes130, preprocess
+
     frame = preprocess.cohort(diabetes130.load_raw(spec.path))
     if spec.partition == "natural" and spec.attribute not in frame.columns:
         raise DataError(
@@ -233,7 +238,7 @@ def _build_diabetes(spec: DataSpec) -> tuple[Prepared, np.ndarray]:
 
 def _build_synthetic(spec: DataSpec) -> tuple[Prepared, np.ndarray]:
     cohort = synthetic.generate(spec.synthetic_patients, spec.hospitals, spec.seed)
-    train_rows, test_rows = preprocess.split_by_patient(
+    train_rows, test_rows = split_by_patient(
         np.arange(len(cohort)), spec.test_fraction, spec.seed)
 
     stats = synthetic.fit_features(cohort, train_rows)

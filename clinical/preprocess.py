@@ -7,7 +7,7 @@ The steps, in order:
    cannot be readmitted.
 2. Targets: ``readmit30`` is ``readmitted == "<30"``; ``readmit_any`` is
    ``"<30"`` or ``">30"``.
-3. Split: `split_by_patient` puts every encounter of a patient
+3. Split: `split_by_patient` (from `clinical.split`) puts every encounter of a patient
    (``patient_nbr``) on the same side, so no patient is in both train and test.
 4. Features (22 inputs, as in Strack et al. 2014): age band, gender, race,
    admission type, admission source, discharge disposition, A1C result,
@@ -36,6 +36,9 @@ import numpy as np
 import pandas as pd
 
 from clinical.errors import DataError
+from clinical.split import split_by_patient
+
+__all__ = ["Preprocessor", "cohort", "icd9_chapter", "split_by_patient", "target"]
 
 log = logging.getLogger(__name__)
 
@@ -176,25 +179,3 @@ class Preprocessor:
             blocks.append(np.eye(len(levels), dtype=np.float32)[code])
 
         return np.hstack(blocks).astype(np.float32, copy=False)
-
-
-def split_by_patient(
-    patients: np.ndarray, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Splits row indices so that each patient's rows are on one side.
-
-    patients: one patient id per row. test_fraction: share of distinct
-    patients put in the test set. The permutation of patients depends only
-    on ``seed`` and the set of ids, so a seed reproduces the split.
-    Returns (train_rows, test_rows), each sorted ascending.
-    """
-    if not 0.0 < test_fraction < 1.0:
-        raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    unique, inverse = np.unique(patients, return_inverse=True)
-    rng = np.random.default_rng([seed, 0x5EED])
-    order = rng.permutation(len(unique))
-    n_test = int(round(test_fraction * len(unique)))
-    is_test_patient = np.zeros(len(unique), dtype=bool)
-    is_test_patient[order[:n_test]] = True
-    is_test_row = is_test_patient[inverse]
-    return np.flatnonzero(~is_test_row), np.flatnonzero(is_test_row)

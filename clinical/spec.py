@@ -64,6 +64,10 @@ class DataSpec:
             raise bad("target", f"use one of {TARGETS}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise bad("seed", "give an integer")
+        for name in ("test_fraction", "val_fraction", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad(name, "give a number")
         if not 0.0 < self.test_fraction < 1.0:
             raise bad("test_fraction", "must be in (0, 1)")
         if not 0.0 <= self.val_fraction < 1.0:

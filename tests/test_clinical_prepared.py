@@ -17,7 +17,7 @@ SYNTH = DataSpec(dataset="synthetic", synthetic_patients=20_000, hospitals=5, se
 @pytest.mark.parametrize("field,value", [
     ("dataset", "mimic"), ("target", "death"), ("test_fraction", 1.0),
     ("val_fraction", -0.1), ("hospitals", 0), ("partition", "random"),
-    ("alpha", 0.0), ("synthetic_patients", 10), ("seed", 1.5),
+    ("alpha", 0.0), ("alpha", "0.5"), ("synthetic_patients", 10), ("seed", 1.5),
 ])
 def test_spec_rejects_bad_values_by_name(field, value):
     with pytest.raises(ValueError) as err:
