@@ -99,7 +99,8 @@ def main() -> None:
             k += BATCH
             updates.append(batch)
         led = Ledger(work / "replica", consortium.genesis)
-        apply = timed(lambda: [led.apply_batch(i + 1, b) for i, b in enumerate(updates)])
+        apply = timed(lambda: [led.apply_batch(i + 1, batch)
+                               for i, batch in enumerate(updates)])
         update_size = sum(len(x) for b in updates for x in b) / n
         led.close()
         fs = file_system(work)
@@ -112,8 +113,8 @@ def main() -> None:
         (f"raft_group_{BATCH} (DurableStorage)", raft),
         (f"ledger_apply_{BATCH} (verify+rules+block)", apply),
     ]
-    print(f"{n} signed entries, {size:.0f} bytes each (model updates {update_size:.0f}),"
-          f" file system {fs}")
+    print(f"{n} signed entries, {size:.0f} bytes each (model updates "
+          f"{update_size:.0f}), file system {fs}")
     print(f"{'way':<40} {'seconds':>8} {'entries/s':>10}")
     for name, seconds in rows:
         print(f"{name:<40} {seconds:>8.3f} {n / seconds:>10,.0f}")

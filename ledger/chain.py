@@ -114,7 +114,8 @@ def check_block(block: Block, height: int, prev_hash: str | None) -> str | None:
                 f"block's hash {prev_hash[:16]}")
     root = merkle.root([e.leaf() for e in block.entries]).hex()
     if root != block.merkle_root:
-        return f"merkle root {block.merkle_root[:16]} does not match its entries ({root[:16]})"
+        return (f"merkle root {block.merkle_root[:16]} does not match its "
+                f"entries ({root[:16]})")
     if hash_header(block.header()) != block.hash:
         return f"block hash {block.hash[:16]} does not match its header"
     return None
@@ -251,7 +252,8 @@ def verify(path: str | Path, genesis_hash: str | None = None) -> VerifyResult:
             continue
         problem = check_block(record, height, prev)
         if problem:
-            return VerifyResult(False, count, height, f"block {height}: {problem}", prev)
+            return VerifyResult(False, count, height, f"block {height}: {problem}",
+                                prev)
         prev = record.hash
         height += 1
         count += 1
@@ -317,13 +319,15 @@ def verify_proof(proof: dict, root: str | None = None) -> bool:
     except (TypeError, ValueError, KeyError) as exc:
         raise ValueError(f"malformed proof: {exc}") from exc
 
-    if entry_id(raw) != proof["entry_id"] or proof["leaf"]["entry_id"] != proof["entry_id"]:
+    claimed = proof["entry_id"]
+    if entry_id(raw) != claimed or proof["leaf"]["entry_id"] != claimed:
         return False
     if header.get("merkle_root") != proof["merkle_root"] or header.get("count") != size:
         return False
     if hash_header(header) != proof["block_hash"]:
         return False
-    if root is not None and root.lower() not in (proof["merkle_root"], proof["block_hash"]):
+    trusted = (proof["merkle_root"], proof["block_hash"])
+    if root is not None and root.lower() not in trusted:
         return False
     return merkle.verify_inclusion(leaf, index, size, path, expected)
 

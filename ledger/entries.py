@@ -163,7 +163,9 @@ def check_body(kind: str, body: Any) -> None:
     if kind not in SCHEMA:
         raise MalformedEntry(f"unknown entry type {kind!r}; known: {TYPES}")
     if not isinstance(body, dict):
-        raise MalformedEntry(f"{kind} body must be an object, got {type(body).__name__}")
+        raise MalformedEntry(
+            f"{kind} body must be an object, got {type(body).__name__}"
+        )
     fields = SCHEMA[kind]
     missing = sorted(set(fields) - set(body))
     extra = sorted(set(body) - set(fields))
@@ -238,7 +240,9 @@ def parse(raw: bytes) -> SignedEntry:
     except (TypeError, ValueError) as exc:
         raise MalformedEntry(f"sig is not hex: {obj['sig']!r}") from exc
     if canonical(obj) != raw:
-        raise MalformedEntry("entry is not in canonical encoding (sorted, compact JSON)")
+        raise MalformedEntry(
+            "entry is not in canonical encoding (sorted, compact JSON)"
+        )
     return SignedEntry(
         obj["type"], obj["signer"], obj["nonce"], obj["timestamp"], obj["body"],
         signature, raw,

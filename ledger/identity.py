@@ -39,7 +39,9 @@ class Member:
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
-            raise ValueError(f"member {self.id!r}: unknown role {self.role!r}; use {ROLES}")
+            raise ValueError(
+                f"member {self.id!r}: unknown role {self.role!r}; use one of {ROLES}"
+            )
         public_key_from_hex(self.public_key)
 
     def to_dict(self) -> dict:

@@ -98,7 +98,7 @@ class LedgerState:
     # -- applying -----------------------------------------------------------
 
     def apply(self, entry_bytes: bytes, index: int) -> Outcome:
-        """Apply one committed entry at position ``index``; never raises for bad input."""
+        """Apply the committed entry numbered ``index``; bad input never raises."""
         entry: E.SignedEntry | None = None
         try:
             entry = E.parse(entry_bytes)
@@ -129,7 +129,9 @@ class LedgerState:
             raise Rejected(f"bad signature from {entry.signer!r}")
         used = self.nonces.setdefault(entry.signer, set())
         if entry.nonce in used:
-            raise Rejected(f"replay: nonce {entry.nonce} already used by {entry.signer}")
+            raise Rejected(
+                f"replay: nonce {entry.nonce} already used by {entry.signer}"
+            )
         used.add(entry.nonce)
         allowed = PERMISSIONS[entry.type]
         if member.role != allowed:
@@ -153,7 +155,8 @@ class LedgerState:
         r = body["round"]
         if self.round is not None and r <= self.round:
             raise Rejected(f"round {r} is not after the latest round {self.round}")
-        if self.latest_model is not None and body["base_model_hash"] != self.latest_model:
+        base = body["base_model_hash"]
+        if self.latest_model is not None and base != self.latest_model:
             raise Rejected(
                 f"stale: round {r} base {body['base_model_hash'][:12]} is not the "
                 f"latest global model {self.latest_model[:12]}"
@@ -179,7 +182,9 @@ class LedgerState:
         if (hospital, r) in self.updated:
             raise Rejected(f"replay: {hospital} already sent an update for round {r}")
         if body["update_hash"] in self.updates:
-            raise Rejected(f"replay: update {body['update_hash'][:12]} already on the ledger")
+            raise Rejected(
+                f"replay: update {body['update_hash'][:12]} already on the ledger"
+            )
         self.updated.add((hospital, r))
         self.updates[body["update_hash"]] = [hospital, r, index]
 
@@ -203,7 +208,9 @@ class LedgerState:
             raise Rejected(f"global model names updates not on the ledger: {unknown}")
         other = [h[:12] for h in named if self.updates[h][1] != r]
         if other:
-            raise Rejected(f"global model for round {r} names updates of other rounds: {other}")
+            raise Rejected(
+                f"global model for round {r} names updates of other rounds: {other}"
+            )
         self.round_open = False
         self.latest_model = body["model_hash"]
         self.global_models[body["model_hash"]] = r

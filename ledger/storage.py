@@ -261,7 +261,8 @@ class DurableStorage:
         for offset, entry in enumerate(entries):
             if entry.index != first + offset:
                 raise StorageError(
-                    f"entries are not contiguous: {entry.index} after {first + offset - 1}"
+                    f"entries are not contiguous: {entry.index} after "
+                    f"{first + offset - 1}"
                 )
         if first < self._first:
             raise StorageError(

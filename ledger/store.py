@@ -139,6 +139,8 @@ def write_jsonl(records: list[EntryRecord], out: IO[str]) -> int:
 class Ledger:
     """Rules + chain + block file of one replica directory.
 
+    Not thread-safe: one caller (the replica) applies entries in Raft order.
+
     Attributes:
         state: the ``LedgerState`` after every applied entry.
         repair: torn tail cut from the block file at open, or None.
@@ -206,7 +208,9 @@ class Ledger:
     def apply_batch(self, raft_index: int, entry_bytes: list[bytes]) -> Block | None:
         """Judge each entry, store them as one block (fsync), return it.
 
-        Returns None when ``raft_index`` was already applied.
+        Returns None when ``raft_index`` was already applied. If writing the
+        block fails (``OSError``), the in-memory state is already ahead of the
+        file: discard this ``Ledger`` and reopen it, which replays the file.
         """
         if raft_index <= self._applied_raft_index:
             log.debug("raft index %d already applied; skipped", raft_index)
@@ -216,7 +220,9 @@ class Ledger:
         for raw in entry_bytes:
             outcome = self.state.apply(bytes(raw), self.state.applied_index + 1)
             outcomes.append(outcome)
-            block_entries.append(BlockEntry(bytes(raw), outcome.accepted, outcome.reason))
+            block_entries.append(
+                BlockEntry(bytes(raw), outcome.accepted, outcome.reason)
+            )
         block = Block.build(self.height + 1, self.head_hash, raft_index, block_entries)
         self._blocks.append(block)
         self._index(block, [o.entry for o in outcomes])
@@ -244,7 +250,7 @@ class Ledger:
     # -- snapshots ----------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        """State and chain head as bytes, for a Raft snapshot at ``applied_raft_index``."""
+        """State and chain head as bytes: a Raft snapshot at ``applied_raft_index``."""
         return E.canonical({
             "state": self.state.to_dict(),
             "head": {"height": self.height, "hash": self.head_hash,

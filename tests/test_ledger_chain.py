@@ -11,7 +11,7 @@ import pytest
 from cluster.cli import main as medfed
 from ledger import entries as E
 from ledger import merkle
-from ledger.chain import BLOCKS_FILE, Block, read_blocks, verify, verify_proof
+from ledger.chain import BLOCKS_FILE, read_blocks, verify, verify_proof
 from ledger.genesis import load_consortium, make_consortium
 from ledger.recordlog import HEADER_SIZE, RecordLog, encode_record
 from ledger.store import DivergedError, Ledger
@@ -208,7 +208,8 @@ def test_merkle_matches_rfc6962_shape():
         data = [bytes([i]) for i in range(n)]
         r = merkle.root(data)
         for i in range(n):
-            assert merkle.verify_inclusion(data[i], i, n, merkle.inclusion_path(i, data), r)
+            path = merkle.inclusion_path(i, data)
+            assert merkle.verify_inclusion(data[i], i, n, path, r)
 
 
 def test_snapshot_restore_continues_the_same_chain(tmp_path, consortium):
@@ -241,7 +242,8 @@ def test_consortium_keys_reload_and_private_keys_are_0600(consortium):
 
 def test_cli_verify_show_prove(tmp_path, consortium, capsys):
     batches = make_batches(consortium.signers)
-    (tmp_path / "genesis.json").write_text((consortium.dir / "genesis.json").read_text())
+    genesis_text = (consortium.dir / "genesis.json").read_text()
+    (tmp_path / "genesis.json").write_text(genesis_text)
     for name in ("replica-0", "replica-1"):
         build(tmp_path / name, consortium.genesis, batches).close()
 

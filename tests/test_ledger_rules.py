@@ -99,7 +99,9 @@ def test_replayed_entry_and_second_update_are_rejected(ledger, s):
     verdicts = submit(ledger, first, first, second)
     assert verdicts[0] == (True, None)
     assert verdicts[1][0] is False and verdicts[1][1].startswith("replay: nonce")
-    assert verdicts[2] == (False, "replay: hospital-00 already sent an update for round 0")
+    assert verdicts[2] == (
+        False, "replay: hospital-00 already sent an update for round 0"
+    )
 
 
 def test_forged_updates_are_rejected(ledger, s, consortium):
@@ -138,7 +140,9 @@ def test_stale_updates_are_rejected(ledger, s):
     submit(ledger, E.global_model(s["coordinator"], round=0, model_hash=MODEL_1,
                                   update_hashes=[h("c")], timestamp=clock()))
     late = update(s, clock, "hospital-01", r=0, tag="late")
-    assert submit(ledger, late) == [(False, "stale: round 0 is closed (latest round 0)")]
+    assert submit(ledger, late) == [
+        (False, "stale: round 0 is closed (latest round 0)")
+    ]
 
     # The next round must build on the global model just accepted.
     assert open_round(ledger, s, clock, r=1, base=BASE)[0][1].startswith("stale")
@@ -177,9 +181,13 @@ def test_role_violations_are_rejected(ledger, s, consortium):
     assert [ok for ok, _ in verdicts] == [False] * 7
     assert verdicts[0][1] == ("role violation: server has role server; "
                               "model_update needs role hospital")
-    assert verdicts[1][1] == "role violation: hospital-00 sent an update for hospital-01"
+    assert verdicts[1][1] == (
+        "role violation: hospital-00 sent an update for hospital-01"
+    )
     assert "global_model needs role coordinator" in verdicts[2][1]
-    assert "auditor has role auditor; round_open needs role coordinator" in verdicts[3][1]
+    assert verdicts[3][1] == (
+        "role violation: auditor has role auditor; round_open needs role coordinator"
+    )
     assert "member_change needs role admin" in verdicts[4][1]
     assert "reported privacy spent by hospital-02" in verdicts[5][1]
     assert "prediction_audit needs role server" in verdicts[6][1]
@@ -197,7 +205,8 @@ def test_global_model_naming_unknown_or_rejected_updates(ledger, s):
     rejected = E.global_model(s["coordinator"], round=0, model_hash=MODEL_1,
                               update_hashes=[h("good"), h("bad")], timestamp=clock())
     assert submit(ledger, unknown, rejected) == [
-        (False, f"global model names updates not on the ledger: ['{h('never sent')[:12]}']"),
+        (False, "global model names updates not on the ledger: "
+                f"['{h('never sent')[:12]}']"),
         (False, f"global model names rejected updates: ['{h('bad')[:12]}']"),
     ]
     assert ledger.state.round_open and ledger.state.latest_model is None
@@ -260,7 +269,9 @@ def test_privacy_spends_are_cumulative_and_once_per_round(ledger, s):
     verdicts = submit(ledger, spend(1.0), spend(1.5), spend(0.7, r=1), spend(2.0, r=1),
                       spend(3.0, r=4))
     assert verdicts[0] == (True, None)
-    assert verdicts[1] == (False, "replay: hospital-00 already reported privacy for round 0")
+    assert verdicts[1] == (
+        False, "replay: hospital-00 already reported privacy for round 0"
+    )
     assert verdicts[2][1].startswith("epsilon 0.7 is below hospital-00's previous 1.0")
     assert verdicts[3] == (True, None)
     assert verdicts[4][1] == "round 4 has not been opened (latest round 1)"

@@ -142,7 +142,8 @@ def test_snapshot_compacts_and_survives_reopen(tmp_path):
 
     store = DurableStorage(tmp_path)
     meta, data = store.snapshot()
-    assert (meta.index, meta.term, meta.voters, data) == (12, 1, (1, 2, 3), b"state-at-12")
+    assert (meta.index, meta.term, meta.voters) == (12, 1, (1, 2, 3))
+    assert data == b"state-at-12"
     assert store.entries(13, 21) == _entries(13, 21, 1)
 
     # A snapshot that conflicts with the log replaces it entirely.

@@ -18,8 +18,7 @@ import json
 import logging
 from pathlib import Path
 
-from ledger.chain import BLOCKS_FILE, read_blocks, verify, verify_proof
-from ledger.chain import make_proof
+from ledger.chain import BLOCKS_FILE, make_proof, read_blocks, verify, verify_proof
 from ledger.genesis import GENESIS_FILE, Genesis
 from ledger.store import block_records, filter_records, find_record, write_jsonl
 
@@ -73,7 +72,7 @@ def replica_dirs(directory: str) -> list[Path]:
 
 
 def find_genesis(replica: Path, stop: Path) -> Genesis | None:
-    """The nearest genesis file in ``replica`` or its parents up to ``stop``'s parent."""
+    """The nearest genesis in ``replica`` or its parents, up to ``stop``'s parent."""
     for folder in [replica, *replica.parents]:
         if (folder / GENESIS_FILE).exists():
             return Genesis.load(folder / GENESIS_FILE)
@@ -96,7 +95,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             heads[replica] = {b.height: b.hash for b in read_blocks(replica)[0]}
         else:
             failed += 1
-            print(f"{replica}: FAILED at block {result.first_bad_height}: {result.reason}")
+            print(f"{replica}: FAILED at block {result.first_bad_height}: "
+                  f"{result.reason}")
 
     # Healthy replicas must agree on every height they share.
     names = list(heads)
