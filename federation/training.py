@@ -15,7 +15,11 @@ rows never leave the hospital.
 The trainer is built for speed on small tabular models: the features and
 labels become torch tensors once, in the constructor; mini-batches are drawn
 by a seeded ``torch.Generator`` permutation per epoch (no DataLoader), and the
-model and optimizer are built once and reused every round. The number of
+model is built once and reused every round. The SGD and Adam steps are
+written out here rather than taken from ``torch.optim``, whose first use
+imports the torch compiler stack (2-3 s per process, paid again by every
+hospital process); the arithmetic is that of ``torch.optim.SGD`` (no
+momentum) and ``torch.optim.Adam`` (default betas and eps). The number of
 torch threads is the caller's choice; this module never changes it.
 """
 
@@ -34,6 +38,8 @@ from federation.models import build_model, get_weights, num_weights, set_weights
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
 
 
 @dataclass
@@ -153,10 +159,10 @@ class LocalTrainer:
         self.generator.manual_seed(seed)
         self._params = list(self.model.parameters())
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    def _make_optimizer(self) -> "_SGD | _Adam":
         if self.optimizer_name == "adam":
-            return torch.optim.Adam(self._params, lr=self.lr)
-        return torch.optim.SGD(self._params, lr=self.lr)
+            return _Adam(self._params, self.lr)
+        return _SGD(self._params, self.lr)
 
     def _global_views(self, global_weights: np.ndarray) -> list[torch.Tensor]:
         """Splits the global vector into tensors shaped like each parameter."""
@@ -191,7 +197,8 @@ class LocalTrainer:
             for start in range(0, n, bs):
                 idx = order[start : start + bs]
                 xb, yb = self.X.index_select(0, idx), self.y.index_select(0, idx)
-                optimizer.zero_grad(set_to_none=True)
+                for p in self._params:
+                    p.grad = None
                 loss = self.loss_fn(self.model(xb), yb)
                 loss.backward()
 
@@ -224,6 +231,43 @@ class LocalTrainer:
         result = binary_metrics(y, p)
         result["loss"] = log_loss(y, p)
         return result
+
+
+class _SGD:
+    """Plain SGD step, ``w -= lr * grad`` (``torch.optim.SGD`` without momentum)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float) -> None:
+        self.params, self.lr = params, lr
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p in self.params:
+            p.add_(p.grad, alpha=-self.lr)
+
+
+class _Adam:
+    """Adam step with bias correction, as ``torch.optim.Adam`` with defaults.
+
+    Kingma and Ba 2015, "Adam: A Method for Stochastic Optimization" (ICLR).
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float) -> None:
+        self.params, self.lr = params, lr
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = ADAM_BETAS
+        self.t += 1
+        correction1 = 1 - b1**self.t
+        correction2 = 1 - b2**self.t
+        for p, m, v in zip(self.params, self.m, self.v):
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (v.sqrt() / correction2**0.5).add_(ADAM_EPS)
+            p.addcdiv_(m, denom, value=-self.lr / correction1)
 
 
 def log_loss(y_true: np.ndarray, p: np.ndarray) -> float:

@@ -119,3 +119,22 @@ def test_bad_inputs_raise_with_the_value():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             LocalTrainer("logreg", X, y, device="cuda")
+
+
+def test_adam_matches_torch_optim_adam():
+    X, y = _data(200, 4, 6)
+    global_w = get_weights(build_model("mlp", 4, hidden=3, seed=2))
+    trainer = LocalTrainer("mlp", X, y, batch_size=1000, lr=0.05, optimizer="adam",
+                           hidden=3)
+    got = global_w + trainer.fit(global_w, epochs=5).delta
+
+    model = build_model("mlp", 4, hidden=3)
+    set_weights(model, global_w)
+    reference = torch.optim.Adam(model.parameters(), lr=0.05)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    for _ in range(5):
+        reference.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(Xt), yt).backward()
+        reference.step()
+
+    np.testing.assert_allclose(got, get_weights(model), atol=1e-6)
