@@ -22,6 +22,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ledger import merkle
 from ledger.entries import canonical, entry_id
@@ -218,12 +219,17 @@ class VerifyResult:
     head_hash: str | None = None
 
 
-def verify(path: str | Path, genesis_hash: str | None = None) -> VerifyResult:
+def verify(
+    path: str | Path, genesis_hash: str | None = None, state: Any = None
+) -> VerifyResult:
     """Walk the chain in ``path`` (a block file or a replica directory) read-only.
 
     Checks record checksums, heights, each ``prev_hash``, each Merkle root and
-    each block hash; with ``genesis_hash``, block 1 must follow it. A damaged
-    record is reported as the block at the height where it stands.
+    each block hash; with ``genesis_hash``, block 1 must follow it. With
+    ``state`` (a ``LedgerState`` at the start of the file, which this call
+    advances) every entry is re-judged by the rules and must carry the stored
+    verdict, so a forged verdict is caught even when all hashes were redone.
+    A damaged record is reported as the block at the height where it stands.
     """
     path = Path(path)
     if path.is_dir():
@@ -251,6 +257,8 @@ def verify(path: str | Path, genesis_hash: str | None = None) -> VerifyResult:
             height, prev = record.height + 1, record.hash
             continue
         problem = check_block(record, height, prev)
+        if problem is None and state is not None:
+            problem = _rejudge(record, state)
         if problem:
             return VerifyResult(False, count, height, f"block {height}: {problem}",
                                 prev)
@@ -264,6 +272,21 @@ def verify(path: str | Path, genesis_hash: str | None = None) -> VerifyResult:
             prev,
         )
     return VerifyResult(True, count, None, None, prev)
+
+
+def _rejudge(block: Block, state: Any) -> str | None:
+    """Why the rules disagree with a verdict stored in ``block``, or None."""
+    for position, item in enumerate(block.entries):
+        outcome = state.apply(item.raw, state.applied_index + 1)
+        if (outcome.accepted, outcome.reason) != (item.accepted, item.reason):
+            stored = _verdict(item.accepted, item.reason)
+            judged = _verdict(outcome.accepted, outcome.reason)
+            return f"entry {position} is stored as {stored} but the rules give {judged}"
+    return None
+
+
+def _verdict(accepted: bool, reason: str | None) -> str:
+    return "accepted" if accepted else f"rejected ({reason})"
 
 
 # -- inclusion proofs ----------------------------------------------------------

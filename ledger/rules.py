@@ -112,7 +112,7 @@ class LedgerState:
                 self.rejected_updates.add(entry.body["update_hash"])
             self.applied_index = index
             self.rejected += 1
-            log.info(
+            log.debug(
                 "entry %d rejected (%s from %s): %s", index,
                 entry.type if entry else "?", entry.signer if entry else "?", reason,
             )

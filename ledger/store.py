@@ -28,7 +28,8 @@ from typing import IO, Iterator
 
 from ledger import entries as E
 from ledger.chain import (
-    BLOCKS_FILE, Anchor, Block, BlockEntry, BlockStore, make_proof,
+    BLOCKS_FILE, Anchor, Block, BlockEntry, BlockStore, VerifyResult, make_proof,
+    verify,
 )
 from ledger.genesis import Genesis
 from ledger.recordlog import TailRepair, atomic_write
@@ -129,6 +130,20 @@ def find_record(records: list[EntryRecord], entry_id: str, where: str) -> EntryR
     raise ValueError(f"entry {entry_id!r} is not in the ledger at {where}")
 
 
+def verify_replica(directory: str | Path, genesis: Genesis) -> VerifyResult:
+    """``ledger.chain.verify`` of a replica directory, re-judging every entry.
+
+    Starts from the genesis members, or from ``state.snap`` when the block file
+    begins at a snapshot anchor. Reads only; repairs nothing.
+    """
+    directory = Path(directory)
+    state = LedgerState(genesis.members)
+    snap = directory / STATE_FILE
+    if snap.exists() and (directory / BLOCKS_FILE).exists():
+        state = Ledger._decode_snapshot(snap.read_bytes())[0]
+    return verify(directory, genesis.hash(), state=state)
+
+
 def write_jsonl(records: list[EntryRecord], out: IO[str]) -> int:
     """Write one JSON object per record to ``out``; returns how many."""
     for record in records:
@@ -220,6 +235,13 @@ class Ledger:
         for raw in entry_bytes:
             outcome = self.state.apply(bytes(raw), self.state.applied_index + 1)
             outcomes.append(outcome)
+            if not outcome.accepted:
+                entry = outcome.entry
+                log.info(
+                    "raft index %d: %s from %s rejected: %s", raft_index,
+                    entry.type if entry else "entry", entry.signer if entry else "?",
+                    outcome.reason,
+                )
             block_entries.append(
                 BlockEntry(bytes(raw), outcome.accepted, outcome.reason)
             )

@@ -284,3 +284,31 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, capsys):
     assert medfed(["ledger", "verify-proof", str(tmp_path / "partial.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "lacks fields" in err[1]
+
+
+def test_forged_verdict_with_every_hash_redone_is_caught_by_rejudging(tmp_path,
+                                                                      consortium):
+    from ledger.chain import Block, BlockEntry
+    from ledger.store import verify_replica
+
+    build(tmp_path / "r", consortium.genesis, make_batches(consortium.signers)).close()
+    path = tmp_path / "r" / BLOCKS_FILE
+    blocks, _ = read_blocks(path)
+
+    # Mark a block's rejected entries accepted, then rebuild the whole chain
+    # so every Merkle root, hash and prev_hash is consistent again.
+    target = next(b.height for b in blocks if not all(e.accepted for e in b.entries))
+    forged, prev = [], consortium.genesis.hash()
+    for block in blocks:
+        entries = list(block.entries)
+        if block.height == target:
+            entries = [BlockEntry(e.raw, True, None) for e in entries]
+        rebuilt = Block.build(block.height, prev, block.raft_index, entries)
+        forged.append(rebuilt.to_bytes())
+        prev = rebuilt.hash
+    path.write_bytes(b"".join(encode_record(p) for p in forged))
+
+    assert verify(path, consortium.genesis.hash()).ok, "hashes alone cannot tell"
+    result = verify_replica(tmp_path / "r", consortium.genesis)
+    assert (result.ok, result.first_bad_height) == (False, target)
+    assert "but the rules give rejected (replay" in result.reason

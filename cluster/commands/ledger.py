@@ -20,7 +20,9 @@ from pathlib import Path
 
 from ledger.chain import BLOCKS_FILE, make_proof, read_blocks, verify, verify_proof
 from ledger.genesis import GENESIS_FILE, Genesis
-from ledger.store import block_records, filter_records, find_record, write_jsonl
+from ledger.store import (
+    block_records, filter_records, find_record, verify_replica, write_jsonl,
+)
 
 
 def register(sub) -> None:
@@ -88,10 +90,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     heads: dict[Path, dict[int, str]] = {}
     for replica in replicas:
         genesis = find_genesis(replica, root)
-        result = verify(replica, genesis.hash() if genesis else None)
-        anchor = "genesis checked" if genesis else "no genesis file found"
+        if genesis is not None:
+            result = verify_replica(replica, genesis)
+            checked = "genesis and every verdict checked"
+        else:
+            result = verify(replica)
+            checked = "hashes only: no genesis file found"
         if result.ok:
-            print(f"{replica}: ok, {result.blocks} blocks ({anchor})")
+            print(f"{replica}: ok, {result.blocks} blocks ({checked})")
             heads[replica] = {b.height: b.hash for b in read_blocks(replica)[0]}
         else:
             failed += 1
