@@ -113,7 +113,12 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
+        if not math.isfinite(value):
+            return "n/a"
+        # Tiny values (delta = 1e-5) would print as 0.000 in fixed notation.
+        if value != 0 and not 1e-3 <= abs(value) < 1e6:
+            return f"{value:.{digits}g}"
+        return f"{value:.{digits}f}"
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, (list, tuple)):
@@ -128,10 +133,32 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + [""]
 
 
+def _flatten(mapping: dict, prefix: str = "") -> list[list[Any]]:
+    """Nested dicts become dotted keys (``ray.cpus``), one table row each."""
+    rows = []
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            rows += _flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append([f"{prefix}{key}", value])
+    return rows
+
+
 def _key_values(title: str, mapping: dict) -> list[str]:
-    rows = [[k, v if not isinstance(v, dict) else json.dumps(v)]
-            for k, v in mapping.items()]
-    return [f"## {title}", ""] + _table(["setting", "value"], rows)
+    return [f"## {title}", ""] + _table(["setting", "value"], _flatten(mapping))
+
+
+def _who(items: list) -> list[str]:
+    """Names hospitals in a dropped/rejected list, with the reason when given."""
+    out = []
+    for item in items or []:
+        if isinstance(item, dict):
+            reason = item.get("reason")
+            out.append(f"{item.get('hospital')} ({reason})" if reason
+                       else str(item.get("hospital")))
+        else:
+            out.append(str(item))
+    return out
 
 
 def _local_mean(local: dict, key: str) -> Any:
@@ -189,6 +216,10 @@ def _dataset_section(dataset: dict) -> list[str]:
         if value is not None:
             shown = value if not isinstance(value, list) else len(value)
             lines.append(f"- {label}: {_fmt(shown)}")
+    if dataset.get("test_label_rate") is not None:
+        lines.append(f"- outcome rate among test patients: "
+                     f"{_fmt(dataset['test_label_rate'])} (the AUPRC of a model "
+                     "with no skill)")
     if dataset.get("partition_note"):
         lines += ["", f"How patients were split into hospitals: "
                   f"{dataset['partition_note']}"]
@@ -253,13 +284,13 @@ def _rounds_section(rounds: list[dict]) -> list[str]:
         return []
     rows = []
     for r in rounds:
-        rejected = [f"{x.get('hospital')} ({x.get('reason')})"
-                    for x in r.get("rejected") or []]
         participants = r.get("participants")
         if isinstance(participants, list):
             participants = len(participants)
-        rows.append([r.get("round"), r.get("auroc"), r.get("loss"), participants,
-                     r.get("dropped") or [], rejected, r.get("seconds")])
+        auroc = r.get("auroc", (r.get("test") or {}).get("auroc"))
+        rows.append([r.get("round"), auroc, r.get("loss"), participants,
+                     _who(r.get("dropped")), _who(r.get("rejected")),
+                     r.get("seconds")])
     lines = ["## Rounds", ""]
     return lines + _table(
         ["round", "AUROC (test)", "loss", "hospitals", "dropped", "rejected",

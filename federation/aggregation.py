@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from federation.models import as_tensor
 from federation.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class _Strategy:
         total = sum(int(u.num_samples) for u in accepted)
         summed = torch.zeros(g.size, dtype=torch.float64, device=self.device)
         for u in accepted:
-            d = torch.from_numpy(u.delta).to(self.device, torch.float64)
+            d = as_tensor(u.delta).to(self.device, torch.float64)
             summed.add_(d, alpha=float(u.num_samples))
         return self._finish(g, summed, total)
 
@@ -196,13 +197,13 @@ class _Strategy:
             raise ValueError("summed delta holds NaN or infinite values")
         if not (math.isfinite(total_samples) and total_samples > 0):
             raise ValueError(f"total_samples must be positive, got {total_samples}")
-        summed = torch.from_numpy(np.ascontiguousarray(s))
+        summed = as_tensor(np.ascontiguousarray(s))
         summed = summed.to(self.device, torch.float64)
         return self._finish(g, summed, float(total_samples))
 
     def _finish(self, g: np.ndarray, summed: torch.Tensor, total: float) -> np.ndarray:
         mean_delta = summed / total
-        x = torch.from_numpy(np.ascontiguousarray(g)).to(self.device, torch.float64)
+        x = as_tensor(np.ascontiguousarray(g)).to(self.device, torch.float64)
         return self._step(x, mean_delta).to("cpu", torch.float32).numpy()
 
     def _step(self, x: torch.Tensor, mean_delta: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ and the coordinator as one flat ``numpy.float32`` vector in the order of
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import numpy as np
 import torch
@@ -28,6 +29,20 @@ class _Logits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """Returns a CPU tensor sharing memory with ``array``, read-only or not.
+
+    Arrays that arrive through Ray's object store are read-only; torch warns
+    about those because writing would be undefined. Callers only read the
+    tensor, so the warning is silenced here instead of copying the array.
+    """
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not")
+        return torch.from_numpy(array)
 
 
 def build_model(
@@ -88,7 +103,7 @@ def set_weights(model: nn.Module, flat: np.ndarray) -> None:
             "check that the model name, hidden size and feature count match"
         )
 
-    source = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
+    source = as_tensor(np.ascontiguousarray(flat, dtype=np.float32))
     offset = 0
     with torch.no_grad():
         for p in model.parameters():

@@ -33,7 +33,13 @@ import torch
 from torch import nn
 
 from federation.metrics import binary_metrics
-from federation.models import build_model, get_weights, num_weights, set_weights
+from federation.models import (
+    as_tensor,
+    build_model,
+    get_weights,
+    num_weights,
+    set_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +154,8 @@ class LocalTrainer:
         self.n_features = int(X.shape[1])
 
         # Tensors are made once: every round reuses them without copying.
-        self.X = torch.from_numpy(X).to(self.device)
-        self.y = torch.from_numpy(y).to(self.device)
+        self.X = as_tensor(X).to(self.device)
+        self.y = as_tensor(y).to(self.device)
         self.model = build_model(model_name, self.n_features, hidden, seed).to(
             self.device
         )
@@ -166,7 +172,7 @@ class LocalTrainer:
 
     def _global_views(self, global_weights: np.ndarray) -> list[torch.Tensor]:
         """Splits the global vector into tensors shaped like each parameter."""
-        flat = torch.from_numpy(np.ascontiguousarray(global_weights, np.float32))
+        flat = as_tensor(np.ascontiguousarray(global_weights, np.float32))
         flat = flat.to(self.device)
         views, offset = [], 0
         for p in self._params:
@@ -295,6 +301,6 @@ def predict_proba(
     chunk = 65_536
     with torch.no_grad():
         for start in range(0, X.shape[0], chunk):
-            logits = model(torch.from_numpy(X[start : start + chunk]))
+            logits = model(as_tensor(X[start : start + chunk]))
             out[start : start + chunk] = torch.sigmoid(logits.double()).numpy()
     return out

@@ -138,3 +138,19 @@ def test_adam_matches_torch_optim_adam():
         reference.step()
 
     np.testing.assert_allclose(got, get_weights(model), atol=1e-6)
+
+
+def test_read_only_arrays_train_and_score_without_warnings(recwarn):
+    # Arrays from Ray's object store arrive read-only.
+    X, y = _data(100, 3, 8)
+    X.setflags(write=False)
+    y.setflags(write=False)
+    w = np.zeros(4, dtype=np.float32)
+    w.setflags(write=False)
+    trainer = LocalTrainer("logreg", X, y, proximal_mu=0.1)
+    delta = trainer.fit(w).delta
+    p = predict_proba("logreg", w + delta, X)
+
+    assert np.abs(delta).sum() > 0 and p.shape == (100,)
+    assert not [str(x.message) for x in recwarn.list
+                if "not writable" in str(x.message)]

@@ -35,7 +35,7 @@ def _results() -> dict:
             {"round": 1, "auroc": 0.61, "loss": 0.35, "participants": 3,
              "dropped": [], "rejected": [], "seconds": 0.2},
             {"round": 2, "auroc": 0.64, "loss": 0.33, "participants": 2,
-             "dropped": ["hospital-01"],
+             "dropped": [{"hospital": "hospital-01", "reason": "timed out"}],
              "rejected": [{"hospital": "hospital-02", "reason": "delta holds 1 NaN"}],
              "seconds": 0.3},
         ],
@@ -43,7 +43,7 @@ def _results() -> dict:
         "failures": [{"round": 2, "hospital": "hospital-01", "what": "crashed"}],
         "privacy": None,
         "ledger": {"head_hash": "ab" * 32, "entries": 7},
-        "runtime": {"wall_seconds": 4.2},
+        "runtime": {"wall_seconds": 4.2, "ray": {"cpus": 2.0}},
     }
 
 
@@ -63,8 +63,9 @@ def test_report_tables_and_citation(tmp_path):
     assert "| federated | 0." in text and "| centralised | 0." in text
     assert "| local only (mean over hospitals) | 0.600 |" in text
     assert "| hospital-01 | 101 | 0.100 | 0.600 |" in text
-    assert "| 2 | 0.640 | 0.330 | 2 | hospital-01 | hospital-02 (delta holds 1 NaN)" \
-        in text
+    assert ("| 2 | 0.640 | 0.330 | 2 | hospital-01 (timed out) | "
+            "hospital-02 (delta holds 1 NaN)") in text
+    assert "| runtime_ray.cpus | 2.000 |" not in text and "| ray.cpus | 2.000 |" in text
     assert "crashed" in text and "ab" * 32 in text
     assert "Strack" in text and "BioMed Research International" in text
     assert "Bayes" not in text.split("## Summary")[1].split("##")[0]
@@ -84,6 +85,7 @@ def test_optional_parts_absent_and_bayes_present(tmp_path):
     assert "auroc_plot" not in paths and "calibration_plot" in paths
     assert "| Bayes limit (true risk) | 0.810 |" in text
     assert "## Privacy" in text and "Strack" not in text
+    assert "| delta | 1e-05 |" in text
     assert json.loads(paths["metrics"].read_text())["bayes_auroc"] == 0.81
 
 
