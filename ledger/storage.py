@@ -47,13 +47,24 @@ class LogEntry(NamedTuple):
     data: bytes = b""
 
 
-@dataclass(frozen=True)
-class HardState:
-    """Raft state that must survive a restart: term, vote (replica id) and commit."""
+class HardState(NamedTuple):
+    """Raft state that must survive a restart: term, vote (replica id) and commit.
+
+    Same fields and order as ``ledger.raft.messages.HardState``.
+    """
 
     term: int = 0
     vote: Any = None
     commit: int = 0
+
+
+class StoredSnapshot(NamedTuple):
+    """A stored snapshot in the field order of ``ledger.raft.messages.Snapshot``."""
+
+    index: int
+    term: int
+    voters: tuple
+    data: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -161,11 +172,15 @@ class DurableStorage:
         """The latest snapshot's metadata and bytes (index 0 and b"" when none)."""
         return self._snap_meta, self._snap_data
 
-    def apply_snapshot(self, meta: Any, data: bytes | None = None) -> None:
+    def apply_snapshot(
+        self, meta: Any, data: bytes | None = None, *, replace_log: bool = False
+    ) -> None:
         """Save a snapshot, then drop log entries it covers.
 
         ``meta`` has ``index``, ``term`` and ``voters`` (a ``SnapshotMeta`` or
-        Raft's ``Snapshot``); ``data`` defaults to ``meta.data``.
+        Raft's ``Snapshot``); ``data`` defaults to ``meta.data``. With
+        ``replace_log`` (a snapshot received from the leader) the whole log is
+        dropped.
 
         Entries after ``meta.index`` are kept only when the log holds
         ``meta.index`` with ``meta.term`` (Raft's rule); otherwise the whole log
@@ -191,7 +206,8 @@ class DurableStorage:
         self._snap_meta, self._snap_data = meta, bytes(data)
 
         keep = (
-            self._first <= meta.index <= self.last_index()
+            not replace_log
+            and self._first <= meta.index <= self.last_index()
             and self.term(meta.index) == meta.term
         )
         if keep:
@@ -201,6 +217,41 @@ class DurableStorage:
             self._terms = []
             self._first = meta.index + 1
         log.info("snapshot saved at index %d term %d", meta.index, meta.term)
+
+    def stored_snapshot(self) -> StoredSnapshot | None:
+        """The snapshot as ``StoredSnapshot``, or None when none was saved."""
+        meta, data = self._snap_meta, self._snap_data
+        if meta.index == 0:
+            return None
+        return StoredSnapshot(meta.index, meta.term, tuple(meta.voters), data)
+
+    # -- the Ready contract of ledger.raft ----------------------------------
+
+    def save(
+        self, snapshot: Any = None, entries: Sequence[Any] = (),
+        hard_state: Any = None,
+    ) -> None:
+        """Persist one Ready's writes in Raft's order; durable on return.
+
+        ``snapshot`` (received from the leader) replaces the log wholesale,
+        ``entries`` replace the log from their first index on, and
+        ``hard_state`` (any (term, vote, commit) triple) overwrites the old one.
+        """
+        if snapshot is not None:
+            self.apply_snapshot(snapshot, replace_log=True)
+        if entries:
+            self.append(entries)
+        if hard_state is not None:
+            term, vote, commit = hard_state
+            self.set_hard_state(HardState(int(term), vote, int(commit)))
+
+    def fsync(self) -> None:
+        """Nothing to do: every write method here has already synced."""
+
+    def load(self) -> tuple[HardState, StoredSnapshot | None, list[LogEntry]]:
+        """What ``RaftNode.restore`` needs: hard state, snapshot, entries after it."""
+        first, last = self.first_index(), self.last_index()
+        return self._hard, self.stored_snapshot(), self.entries(first, last + 1)
 
     # -- entries ------------------------------------------------------------
 

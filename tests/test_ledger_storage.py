@@ -175,3 +175,25 @@ def test_hard_state_write_is_atomic_file_replace(tmp_path):
     assert (tmp_path / "hardstate.json").stat().st_ino != inode
     assert not (tmp_path / "hardstate.json.tmp").exists()
     assert DurableStorage(tmp_path).hard_state() == HardState(2, 1, 5)
+
+
+def test_ready_save_and_load_follow_the_raft_contract(tmp_path):
+    store = DurableStorage(tmp_path)
+    store.save(None, _entries(1, 6, 1), (1, 2, 3))
+    store.save(None, _entries(4, 5, 2), None)  # truncate 4..5, append 4
+    assert store.load() == (
+        HardState(1, 2, 3), None, _entries(1, 4, 1) + _entries(4, 5, 2)
+    )
+
+    # A snapshot from the leader replaces the log even where it would match.
+    snap = type("Snap", (), {"index": 3, "term": 1, "voters": (1, 2, 3),
+                             "data": b"leader-state"})()
+    store.save(snap)
+    assert store.load()[2] == [] and store.first_index() == 4
+    store.save(None, _entries(4, 6, 2), (2, None, 5))
+    store.close()
+
+    hard, stored, entries = DurableStorage(tmp_path).load()
+    assert hard == HardState(2, None, 5)
+    assert tuple(stored) == (3, 1, (1, 2, 3), b"leader-state")
+    assert entries == _entries(4, 6, 2)
