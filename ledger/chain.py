@@ -379,3 +379,20 @@ def read_blocks(path: str | Path) -> tuple[list[Block], str | None]:
             blocks.append(record)
     problem = None if end == len(data) else f"record at offset {end} is damaged ({why})"
     return blocks, problem
+
+
+def read_anchor(path: str | Path) -> Anchor | None:
+    """The snapshot anchor a block file starts with, or None (read-only)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / BLOCKS_FILE
+    if not path.exists():
+        return None
+    records, _, _ = scan(path.read_bytes())
+    if not records:
+        return None
+    try:
+        first = _decode_record(records[0][1])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return first if isinstance(first, Anchor) else None

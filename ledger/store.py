@@ -8,6 +8,10 @@ Raft indexes at or below the last applied one are ignored, so re-delivery
 after a restart is harmless. Empty Raft entries (a new leader's no-op) make no
 block.
 
+At startup a replica compares its Raft snapshot with ``applied_raft_index``:
+when the snapshot is ahead (a crash between saving a received snapshot and
+``restore``), it calls ``restore(snapshot.data)`` before applying entries.
+
 Replica directory::
 
     dir/blocks.log   the chain (``ledger.chain.BlockStore``)
@@ -29,7 +33,7 @@ from typing import IO, Iterator
 from ledger import entries as E
 from ledger.chain import (
     BLOCKS_FILE, Anchor, Block, BlockEntry, BlockStore, VerifyResult, make_proof,
-    verify,
+    read_anchor, verify,
 )
 from ledger.genesis import Genesis
 from ledger.recordlog import TailRepair, atomic_write
@@ -139,7 +143,7 @@ def verify_replica(directory: str | Path, genesis: Genesis) -> VerifyResult:
     directory = Path(directory)
     state = LedgerState(genesis.members)
     snap = directory / STATE_FILE
-    if snap.exists() and (directory / BLOCKS_FILE).exists():
+    if read_anchor(directory) is not None and snap.exists():
         state = Ledger._decode_snapshot(snap.read_bytes())[0]
     return verify(directory, genesis.hash(), state=state)
 
@@ -298,6 +302,11 @@ class Ledger:
         with an anchor naming the last block's height and hash.
         """
         state, anchor = self._decode_snapshot(data)
+        if anchor.raft_index <= self._applied_raft_index:
+            # Already past it (a snapshot re-sent after we caught up): keep ours.
+            log.info("snapshot at raft index %d is not ahead of applied %d; ignored",
+                     anchor.raft_index, self._applied_raft_index)
+            return
         atomic_write(self.dir / STATE_FILE, bytes(data))
         self._blocks.reset_to_anchor(anchor)
         self.state = state

@@ -28,6 +28,8 @@ class Replica:
         if restart:
             hard, snap, entries = self.storage.load()
             snapshot = messages.Snapshot(*snap) if snap else None
+            if snap and snap.index > self.ledger.applied_raft_index:
+                self.ledger.restore(snap.data)
             log_entries = [messages.Entry(e.index, e.term, messages.EntryType(e.type),
                                           e.data) for e in entries]
             self.node = core.RaftNode.restore(
