@@ -114,6 +114,24 @@ def test_hospitals_silent_after_masking_stay_in_the_sum():
     assert report["silent"] == [7, 8]
 
 
+def test_hospital_vanishing_before_sharing_keys_is_left_out_exactly():
+    config = MaskingConfig(n=10, threshold=5)
+    clients, directory = make_round(config, seed=14)
+    values, weights = updates(10, 200, seed=14)
+    server = MaskingServer(config, 1, directory, device="cpu")
+
+    _, weight, report = run_masked_round(
+        clients, values, weights, drop_before_sharing={4}, server=server
+    )
+
+    survivors = [i for i in range(10) if i != 4]
+    np.testing.assert_array_equal(
+        server.quantised_sum, quantised_sum(config, values, weights, survivors)
+    )
+    assert weight == sum(weights[i] for i in survivors)
+    assert report["dropped"] == [] and report["survivors"] == survivors
+
+
 def test_too_many_dropouts_abort_the_round_with_a_reason():
     config = MaskingConfig(n=10, threshold=5)
     clients, _ = make_round(config, seed=5)

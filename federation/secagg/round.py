@@ -68,11 +68,12 @@ def run_masked_round(
         advert = timed(c, c.advertise)
         client_bytes[c.hospital_id] += advert.nbytes()
         adverts.append(advert)
-    relay = serve(server.receive_adverts, adverts)
+    serve(server.receive_adverts, adverts)
 
     sharing = [c for c in clients if c.hospital_id not in drop_before_sharing]
     bundles = []
     for c in sharing:
+        relay = serve(server.relay_for, c.hospital_id)
         bundle = timed(c, c.share_keys, relay)
         client_bytes[c.hospital_id] += sum(s.nbytes() for s in bundle)
         bundles.append(bundle)

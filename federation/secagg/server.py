@@ -78,14 +78,15 @@ class MaskingServer:
         self._unmask_request: tuple[frozenset[int], frozenset[int]] | None = None
         self._bytes_in = 0
         self._bytes_out = 0
+        self._sum_seconds = 0.0
 
     def receive_adverts(self, adverts: Iterable[SignedAdvert]) -> list[SignedAdvert]:
-        """Stage 1: verifies adverts and returns those to relay to every hospital.
+        """Stage 1: verifies adverts; returns the accepted ones, by hospital id.
 
         A forged or malformed advert is rejected (logged, listed in the report
         under ``rejected``); its hospital takes no further part in the round.
+        Send each hospital ``relay_for(hospital)``, its neighbours' adverts only.
         """
-        adverts = list(adverts)
         for advert in adverts:
             self._bytes_in += advert.nbytes()
             try:
@@ -97,10 +98,16 @@ class MaskingServer:
                 self._adverts.pop(advert.hospital, None)
                 logger.warning("round %d: rejected advert: %s", self.round, error)
                 continue
-            self._adverts[advert.hospital] = advert
+            if advert.hospital not in self._rejected:
+                self._adverts[advert.hospital] = advert
+        return [a for _, a in sorted(self._adverts.items())]
 
-        relay = [a for h, a in sorted(self._adverts.items()) if h not in self._rejected]
-        self._bytes_out += len(relay) * sum(a.nbytes() for a in relay)
+    def relay_for(self, hospital: int) -> list[SignedAdvert]:
+        """The accepted adverts of ``hospital``'s neighbours, to relay to it."""
+        relay = [
+            a for h, a in sorted(self._adverts.items()) if h in self.neighbours[hospital]
+        ]
+        self._bytes_out += sum(a.nbytes() for a in relay)
         return relay
 
     def route_shares(
@@ -150,7 +157,9 @@ class MaskingServer:
         self._bytes_in += masked.nbytes()
 
         # An input is not trusted to be reduced: ModularSum reduces it first.
+        start = time.perf_counter()
         self._sum.add(masked.data)
+        self._sum_seconds += time.perf_counter() - start
         self._inputs.add(h)
         self._clipped[h] = int(masked.clipped)
         if masked.clipped:
@@ -227,7 +236,8 @@ class MaskingServer:
         The report holds ``survivors``, ``dropped`` (shared keys, no input),
         ``silent`` (input arrived, no unmask answer), ``rejected`` adverts,
         ``clipped`` per hospital and ``clipped_total``, ``bytes_in`` and
-        ``bytes_out`` at the coordinator, ``unmask_seconds`` and ``device``.
+        ``bytes_out`` at the coordinator, ``sum_seconds`` (adding masked inputs
+        as they arrived), ``unmask_seconds`` (this call) and ``device``.
         Raises ``AggregationAborted`` when a needed secret cannot be rebuilt.
         """
         if self._unmask_request is None or self._sum is None:
@@ -278,6 +288,7 @@ class MaskingServer:
             "clipped_total": sum(self._clipped.values()),
             "bytes_in": self._bytes_in,
             "bytes_out": self._bytes_out,
+            "sum_seconds": self._sum_seconds,
             "unmask_seconds": seconds,
             "device": self.device,
         }
