@@ -105,16 +105,23 @@ def hospital_id(index: int) -> str:
 
 def make_consortium(
     directory: str | Path, hospitals: int = 3, replicas: int = 3,
-    name: str = "medfed",
+    name: str = "medfed", overwrite: bool = False,
 ) -> Consortium:
     """Generate keys and write ``genesis.json`` plus ``keys/*.pem`` under ``directory``.
 
     Members: ``hospital-00`` ... (role hospital), ``coordinator``, ``server``,
     ``auditor``, ``admin``. Voters: ``replica-0`` ... ``replica-{replicas-1}``.
+    Refuses to replace an existing genesis unless ``overwrite``: new keys
+    would orphan every chain built on the old one.
     """
     if hospitals < 1:
         raise ValueError(f"hospitals={hospitals}; a consortium needs at least one")
     directory = Path(directory)
+    if (directory / GENESIS_FILE).exists() and not overwrite:
+        raise ValueError(
+            f"{directory / GENESIS_FILE} already exists; use load_consortium() to "
+            "reuse it, or overwrite=True to replace it and its keys"
+        )
     plan = [(hospital_id(i), HOSPITAL) for i in range(hospitals)]
     plan += [("coordinator", COORDINATOR), ("server", SERVER),
              ("auditor", AUDITOR), ("admin", ADMIN)]

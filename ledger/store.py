@@ -33,7 +33,7 @@ from typing import IO, Iterator
 from ledger import entries as E
 from ledger.chain import (
     BLOCKS_FILE, Anchor, Block, BlockEntry, BlockStore, VerifyResult, make_proof,
-    read_anchor, verify,
+    check_block, read_anchor, verify,
 )
 from ledger.genesis import Genesis
 from ledger.recordlog import TailRepair, atomic_write
@@ -45,7 +45,8 @@ STATE_FILE = "state.snap"
 
 
 class DivergedError(RuntimeError):
-    """Re-applying stored blocks gave a different verdict than the one stored."""
+    """A stored block does not follow its predecessor, or re-applying it gave
+    a different verdict than the one stored."""
 
 
 @dataclass(frozen=True)
@@ -186,8 +187,20 @@ class Ledger:
             self._applied_raft_index = anchor.raft_index
         else:
             self.state = LedgerState(genesis.members)
+
+        # The chain must hang together before its verdicts are trusted.
+        height = anchor.height + 1 if anchor else 1
+        prev = anchor.hash if anchor else self._genesis_hash
         for block in self._blocks.blocks():
+            problem = check_block(block, height, prev)
+            if problem:
+                raise DivergedError(
+                    f"{self.dir / BLOCKS_FILE}: block {height}: {problem}; check it "
+                    "with `medfed ledger verify` and restore this replica from a "
+                    "healthy one"
+                )
             self._replay(block)
+            height, prev = height + 1, block.hash
         log.info(
             "ledger %s opened: %d blocks, %d entries, state %s",
             self.dir, len(self._blocks), self.state.applied_index,

@@ -145,19 +145,28 @@ def test_chain_of_another_genesis_fails_at_block_one(tmp_path, consortium):
     assert (result.ok, result.first_bad_height) == (False, 1)
 
 
-def test_rejected_block_record_on_reopen_is_divergence(tmp_path, consortium):
+def _reforge(path, genesis_hash, height, change_entries) -> None:
+    """Change block ``height``'s entries and redo every hash after it."""
+    from ledger.chain import Block
+
+    blocks, _ = read_blocks(path)
+    forged, prev = [], genesis_hash
+    for block in blocks:
+        entries = list(block.entries)
+        if block.height == height:
+            entries = change_entries(entries)
+        rebuilt = Block.build(block.height, prev, block.raft_index, entries)
+        forged.append(rebuilt.to_bytes())
+        prev = rebuilt.hash
+    path.write_bytes(b"".join(encode_record(p) for p in forged))
+
+
+def test_forged_verdict_is_divergence_at_reopen(tmp_path, consortium):
+    from ledger.chain import BlockEntry
+
     build(tmp_path / "r", consortium.genesis, make_batches(consortium.signers)).close()
-    path = tmp_path / "r" / BLOCKS_FILE
-
-    def flip_verdict(block):
-        entry = block["entries"][0]
-        entry["accepted"], entry["reason"] = False, "made up"
-        leaves = [E.canonical({"entry_id": hashlib.sha256(bytes.fromhex(e["entry"]))
-                               .hexdigest(), "accepted": e["accepted"],
-                               "reason": e["reason"]}) for e in block["entries"]]
-        block["header"]["merkle_root"] = merkle.root(leaves).hex()
-
-    _rewrite_block(path, 1, flip_verdict)
+    _reforge(tmp_path / "r" / BLOCKS_FILE, consortium.genesis.hash(), 1,
+             lambda es: [BlockEntry(es[0].raw, False, "made up"), *es[1:]])
     with pytest.raises(DivergedError, match="block 1 entry 0"):
         Ledger(tmp_path / "r", consortium.genesis)
 
@@ -288,27 +297,26 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, capsys):
 
 def test_forged_verdict_with_every_hash_redone_is_caught_by_rejudging(tmp_path,
                                                                       consortium):
-    from ledger.chain import Block, BlockEntry
+    from ledger.chain import BlockEntry
     from ledger.store import verify_replica
 
     build(tmp_path / "r", consortium.genesis, make_batches(consortium.signers)).close()
     path = tmp_path / "r" / BLOCKS_FILE
     blocks, _ = read_blocks(path)
-
-    # Mark a block's rejected entries accepted, then rebuild the whole chain
-    # so every Merkle root, hash and prev_hash is consistent again.
     target = next(b.height for b in blocks if not all(e.accepted for e in b.entries))
-    forged, prev = [], consortium.genesis.hash()
-    for block in blocks:
-        entries = list(block.entries)
-        if block.height == target:
-            entries = [BlockEntry(e.raw, True, None) for e in entries]
-        rebuilt = Block.build(block.height, prev, block.raft_index, entries)
-        forged.append(rebuilt.to_bytes())
-        prev = rebuilt.hash
-    path.write_bytes(b"".join(encode_record(p) for p in forged))
+    _reforge(path, consortium.genesis.hash(), target,
+             lambda es: [BlockEntry(e.raw, True, None) for e in es])
 
     assert verify(path, consortium.genesis.hash()).ok, "hashes alone cannot tell"
     result = verify_replica(tmp_path / "r", consortium.genesis)
     assert (result.ok, result.first_bad_height) == (False, target)
     assert "but the rules give rejected (replay" in result.reason
+
+
+def test_ledger_refuses_a_chain_of_another_genesis(tmp_path, consortium):
+    build(tmp_path / "r", consortium.genesis, make_batches(consortium.signers)).close()
+    other = make_consortium(tmp_path / "other", hospitals=1)
+    with pytest.raises(DivergedError, match="block 1: prev_hash"):
+        Ledger(tmp_path / "r", other.genesis)
+    with pytest.raises(ValueError, match="already exists"):
+        make_consortium(tmp_path / "other", hospitals=1)
