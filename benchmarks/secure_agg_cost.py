@@ -33,7 +33,12 @@ import time
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from federation.secagg import MaskingClient, MaskingConfig, MaskingServer, run_masked_round
+from federation.secagg import (
+    MaskingClient,
+    MaskingConfig,
+    MaskingServer,
+    run_masked_round,
+)
 from federation.secagg.ckks import CKKSAggregator, CKKSClient, CKKSKeyHolder
 
 MAX_WEIGHT = 10_000
@@ -81,7 +86,9 @@ def plain_cell(n: int, d: int) -> dict:
     }
 
 
-def mask_cell(n: int, d: int, device: str, dropped: frozenset[int] = frozenset()) -> dict:
+def mask_cell(
+    n: int, d: int, device: str, dropped: frozenset[int] = frozenset()
+) -> dict:
     """One full masked round with real clients; ``dropped`` vanish before masking."""
     config = MaskingConfig(n=n, clip_range=1.0, max_weight=MAX_WEIGHT)
     identities = [Ed25519PrivateKey.generate() for _ in range(n)]
@@ -99,7 +106,9 @@ def mask_cell(n: int, d: int, device: str, dropped: frozenset[int] = frozenset()
     assert weight == sum(w for i, w in enumerate(weights_for(n)) if i not in dropped)
     survivors = [i for i in range(n) if i not in dropped]
     return {
-        "hospital_seconds": statistics.mean(report["client_seconds"][i] for i in survivors),
+        "hospital_seconds": statistics.mean(
+            report["client_seconds"][i] for i in survivors
+        ),
         "coordinator_seconds": report["server_seconds"],
         "coordinator_unmask_and_sum_seconds": report["sum_seconds"]
         + report["unmask_seconds"],
@@ -176,7 +185,8 @@ def main() -> None:
         rows.append({"method": "none", "n": n, "d": d, **plain_cell(n, d)})
         rows.append({"method": "mask", "n": n, "d": d, **mask_cell(n, d, args.device)})
         if (n, d) in ckks_grid:
-            rows.append({"method": "ckks", "n": n, "d": d, **ckks_cell(n, d, holder, public)})
+            cell = ckks_cell(n, d, holder, public)
+            rows.append({"method": "ckks", "n": n, "d": d, **cell})
 
     # Headline 1: masking vs plain at n = 10, d = 100k, median of 5 rounds each.
     plain = median_round(lambda: plain_cell(10, 100_000), 5)

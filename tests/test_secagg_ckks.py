@@ -10,6 +10,7 @@ from federation.secagg.ckks import (
     CKKSAggregator,
     CKKSClient,
     CKKSKeyHolder,
+    run_ckks_round,
 )
 
 
@@ -73,3 +74,16 @@ def test_coordinator_refuses_a_private_context():
     holder = CKKSKeyHolder()
     with pytest.raises(ValueError, match="secret key"):
         CKKSAggregator(holder._context.serialize(save_secret_key=True), round=1)
+
+
+def test_round_helper_returns_the_weighted_sum_and_bytes():
+    holder = CKKSKeyHolder()
+    rng = np.random.default_rng(5)
+    values = [rng.normal(0, 1, 100).astype(np.float32) for _ in range(3)]
+
+    total, weight, report = run_ckks_round(holder, values, [1, 2, 3], round=9)
+
+    plain = values[0] + 2 * values[1] + 3 * values[2]
+    assert np.abs(total - plain).max() <= 1e-3 * np.abs(plain).max()
+    assert round(weight) == 6 and total.dtype == np.float32
+    assert report["coordinator_bytes_in"] == sum(report["hospital_bytes_out"])

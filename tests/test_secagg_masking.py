@@ -28,7 +28,8 @@ def make_round(config: MaskingConfig, round_number: int = 1, seed: int = 0):
     """Clients with deterministic identity keys and randomness, for repeatability."""
     source = random.Random(seed)
     identities = [
-        Ed25519PrivateKey.from_private_bytes(source.randbytes(32)) for _ in range(config.n)
+        Ed25519PrivateKey.from_private_bytes(source.randbytes(32))
+        for _ in range(config.n)
     ]
     directory = {i: key.public_key() for i, key in enumerate(identities)}
     clients = [
@@ -141,7 +142,8 @@ def test_too_many_dropouts_abort_the_round_with_a_reason():
     neighbours = sorted(neighbourhoods(10, config.degree, config.graph_seed, 1)[0])
     with pytest.raises(AggregationAborted, match="cannot rebuild the seed") as caught:
         run_masked_round(
-            clients, values, weights, drop_after_masking=set(neighbours[:4]), device="cpu"
+            clients, values, weights, drop_after_masking=set(neighbours[:4]),
+            device="cpu"
         )
     assert caught.value.details["shares_available"][0] == 4
     assert caught.value.details["threshold"] == 5
@@ -214,8 +216,13 @@ def test_clip_mode_clips_and_reports_the_count():
 
 def test_modulus_too_small_is_refused_with_the_numbers():
     with pytest.raises(ValueError, match=r"modulus 2\^32 overflows: 100 hospitals"):
-        MaskingConfig(n=100, clip_range=8.0, frac_bits=16, modulus_bits=32, max_weight=1000)
-    assert MaskingConfig(n=100, clip_range=8.0, frac_bits=16, modulus_bits=40, max_weight=1000)
+        MaskingConfig(
+            n=100, clip_range=8.0, frac_bits=16, modulus_bits=32, max_weight=1000
+        )
+    accepted = MaskingConfig(
+        n=100, clip_range=8.0, frac_bits=16, modulus_bits=40, max_weight=1000
+    )
+    assert accepted.modulus_bits == 40
 
 
 def test_weight_above_the_declared_maximum_is_refused():
@@ -223,7 +230,7 @@ def test_weight_above_the_declared_maximum_is_refused():
     clients, _ = make_round(config)
     values, _ = updates(4, 10)
 
-    with pytest.raises(ValueError, match="weight must be an integer in \\[1, 1000\\], got 1001"):
+    with pytest.raises(ValueError, match=r"integer in \[1, 1000\], got 1001"):
         run_masked_round(clients, values, [10, 20, 1001, 30], device="cpu")
 
 
@@ -233,7 +240,8 @@ def test_forged_advert_is_rejected_by_coordinator_and_hospitals():
     values, weights = updates(6, 50, seed=10)
     adverts = [c.advertise() for c in clients]
     forged = dataclasses.replace(
-        adverts[4], signature=Ed25519PrivateKey.generate().sign(adverts[4].signed_bytes())
+        adverts[4],
+        signature=Ed25519PrivateKey.generate().sign(adverts[4].signed_bytes()),
     )
 
     with pytest.raises(InvalidAdvert, match="hospital 4 .* invalid signature"):
@@ -250,7 +258,9 @@ def test_forged_advert_is_rejected_by_coordinator_and_hospitals():
     routed = server.route_shares([c.share_keys(relay) for c in alive])
     for c in alive:
         server.receive_masked_input(
-            c.masked_input(values[c.hospital_id], weights[c.hospital_id], routed[c.hospital_id])
+            c.masked_input(
+                values[c.hospital_id], weights[c.hospital_id], routed[c.hospital_id]
+            )
         )
     survivors, dropped = server.unmask_request()
     for c in alive:
@@ -271,7 +281,9 @@ def test_tampered_share_is_detected():
 
     with pytest.raises(InvalidShare, match="failed authentication"):
         clients[0].masked_input(
-            np.zeros(4, np.float32), 1, [dataclasses.replace(to_zero, ciphertext=flipped)]
+            np.zeros(4, np.float32),
+            1,
+            [dataclasses.replace(to_zero, ciphertext=flipped)],
         )
 
 
@@ -279,14 +291,35 @@ def test_hospital_refuses_to_reveal_both_secrets_or_answer_twice():
     config = MaskingConfig(n=4)
     clients, _ = make_round(config, seed=12)
     adverts = [c.advertise() for c in clients]
+    routed = {c.hospital_id: [] for c in clients}
     for c in clients:
-        c.share_keys(adverts)
+        for share in c.share_keys(adverts):
+            routed[share.recipient].append(share)
+    clients[0].masked_input(np.zeros(8, np.float32), 1, routed[0])
 
     with pytest.raises(AggregationAborted, match="both survived and dropped"):
         clients[0].unmask_response({0, 1, 2, 3}, {1})
     clients[0].unmask_response({0, 1, 2}, {3})
     with pytest.raises(AggregationAborted, match="already answered"):
         clients[0].unmask_response({0, 1, 2, 3}, set())
+
+
+def test_each_stage_runs_once_so_masks_and_nonces_are_never_reused():
+    config = MaskingConfig(n=4)
+    clients, _ = make_round(config, seed=15)
+    adverts = [c.advertise() for c in clients]
+    routed = {c.hospital_id: [] for c in clients}
+    for c in clients:
+        for share in c.share_keys(adverts):
+            routed[share.recipient].append(share)
+
+    with pytest.raises(AggregationAborted, match="share_keys called when"):
+        clients[0].share_keys(adverts)
+    clients[0].masked_input(np.zeros(8, np.float32), 1, routed[0])
+    with pytest.raises(AggregationAborted, match="masked_input called when"):
+        clients[0].masked_input(np.ones(8, np.float32), 1, routed[0])
+    with pytest.raises(AggregationAborted, match="unmask_response called when"):
+        clients[1].unmask_response({0, 1, 2, 3}, set())
 
 
 def _sum_on(device: str, seed: int = 13):
@@ -309,7 +342,9 @@ def test_torch_arithmetic_matches_numpy_on_cpu():
     assert numpy_weight == torch_weight
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none here")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device; none here"
+)
 def test_cuda_matches_cpu_exactly():
     cpu_levels, cpu_total, cpu_weight = _sum_on("cpu")
     cuda_levels, cuda_total, cuda_weight = _sum_on("cuda")

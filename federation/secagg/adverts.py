@@ -52,7 +52,9 @@ def sign_advert(
     )
 
 
-def verify_advert(advert: SignedAdvert, directory: Directory, round_number: int) -> None:
+def verify_advert(
+    advert: SignedAdvert, directory: Directory, round_number: int
+) -> None:
     """Raises ``InvalidAdvert`` unless the advert is well formed, for this
     round, from a known hospital, and signed by that hospital's identity key."""
     if advert.round != round_number:

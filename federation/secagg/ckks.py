@@ -24,6 +24,7 @@ every update. TenSEAL has no threshold decryption that would remove this.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,7 +75,9 @@ class CKKSKeyHolder:
     min_contributors: fewest hospitals a sum must contain to be decrypted.
     """
 
-    def __init__(self, params: CKKSParams | None = None, min_contributors: int = 2) -> None:
+    def __init__(
+        self, params: CKKSParams | None = None, min_contributors: int = 2
+    ) -> None:
         self.params = CKKSParams() if params is None else params
         self.min_contributors = min_contributors
         self._context = ts.context(
@@ -91,7 +94,10 @@ class CKKSKeyHolder:
         return self._context.serialize(save_secret_key=False)
 
     def decrypt_sum(self, total: EncryptedVector) -> tuple[np.ndarray, float]:
-        """Returns (sum of weight * values as float64, total weight).
+        """Returns (sum of weight * values as float32, total weight).
+
+        The total weight is approximate like every CKKS value (off by about
+        1e-9 relative); round it when weights are integers.
 
         Refuses a second sum for one round and a sum of fewer than
         ``min_contributors`` contributions.
@@ -109,12 +115,13 @@ class CKKSKeyHolder:
         self._decrypted_rounds.add(total.round)
 
         parts = [
-            ts.ckks_vector_from(self._context, chunk).decrypt() for chunk in total.chunks
+            ts.ckks_vector_from(self._context, chunk).decrypt()
+            for chunk in total.chunks
         ]
         plain = np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
         if plain.size != total.length:
             raise ValueError(f"decrypted {plain.size} values, expected {total.length}")
-        return plain[:-1], float(plain[-1])
+        return plain[:-1].astype(np.float32), float(plain[-1])
 
 
 class CKKSClient:
@@ -134,7 +141,9 @@ class CKKSClient:
         plain[:-1] = np.asarray(values, dtype=np.float64).ravel() * weight
         plain[-1] = weight
         if not np.isfinite(plain).all():
-            raise ValueError("update contains non-finite values; fix it before encrypting")
+            raise ValueError(
+                "update contains non-finite values; fix it before encrypting"
+            )
 
         chunks = tuple(
             ts.ckks_vector(self._context, plain[start : start + self.slots]).serialize()
@@ -187,3 +196,34 @@ class CKKSAggregator:
             self.round, self._contributors, len(chunks), self.bytes_in,
         )
         return EncryptedVector(self.round, chunks, self._length, self._contributors)
+
+
+def run_ckks_round(
+    holder: CKKSKeyHolder,
+    values: Sequence[np.ndarray],
+    weights: Sequence[float],
+    round: int,
+) -> tuple[np.ndarray, float, dict]:
+    """Runs one CKKS round in-process: every hospital encrypts, the
+    coordinator adds, the key holder decrypts the sum.
+
+    Returns (sum of weight * values as float32, total weight, report) where
+    the report holds ``hospital_bytes_out`` (per hospital, in order),
+    ``coordinator_bytes_in`` and ``ciphertexts_per_hospital``.
+    """
+    public = holder.public_context()
+    client = CKKSClient(public, holder.params)
+    coordinator = CKKSAggregator(public, round)
+    sent = []
+    for x, w in zip(values, weights):
+        update = client.encrypt(x, w, round)
+        sent.append(update.nbytes())
+        coordinator.add(update)
+    encrypted = coordinator.total()
+    total, weight = holder.decrypt_sum(encrypted)
+    report = {
+        "hospital_bytes_out": sent,
+        "coordinator_bytes_in": coordinator.bytes_in,
+        "ciphertexts_per_hospital": len(encrypted.chunks),
+    }
+    return total, weight, report

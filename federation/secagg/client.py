@@ -19,7 +19,8 @@ Stages, each one call, each answered through the coordinator:
 Known shortcoming: the survivor list is not signed and cross-checked among
 hospitals (the consistency round of the malicious-server protocol), so a
 coordinator that lies about survivors to different hospitals is only bounded
-by the threshold being above half the degree.
+by the threshold being above half the degree. In clip mode the number of
+clipped values of each hospital is reported to the coordinator in the clear.
 """
 
 from __future__ import annotations
@@ -39,7 +40,12 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from federation.secagg import shamir
-from federation.secagg.adverts import Directory, seed_commitment, sign_advert, verify_advert
+from federation.secagg.adverts import (
+    Directory,
+    seed_commitment,
+    sign_advert,
+    verify_advert,
+)
 from federation.secagg.config import MaskingConfig
 from federation.secagg.errors import AggregationAborted, InvalidAdvert, InvalidShare
 from federation.secagg.messages import (
@@ -58,9 +64,12 @@ def _raw_public(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def share_cipher(shared_secret: bytes, round_number: int, a: int, b: int) -> ChaCha20Poly1305:
+def share_cipher(
+    shared_secret: bytes, round_number: int, a: int, b: int
+) -> ChaCha20Poly1305:
     """AEAD for the shares hospitals ``a`` and ``b`` exchange in a round."""
-    key = derive_key(shared_secret, "share-encryption", round_number, min(a, b), max(a, b))
+    pair = (min(a, b), max(a, b))
+    key = derive_key(shared_secret, "share-encryption", round_number, *pair)
     return ChaCha20Poly1305(key)
 
 
@@ -95,23 +104,38 @@ class MaskingClient:
         directory: Directory,
     ) -> None:
         if not 0 <= hospital_id < config.n:
-            raise ValueError(f"hospital_id must lie in [0, {config.n}), got {hospital_id}")
+            raise ValueError(
+                f"hospital_id must lie in [0, {config.n}), got {hospital_id}"
+            )
         self.hospital_id = hospital_id
         self.config = config
         self.round = round
         self.directory = directory
         self._identity_key = identity_key
         self._randbytes = os.urandom if rng is None else rng
-        self.neighbours = neighbourhoods(config.n, config.degree, config.graph_seed, round)[
-            hospital_id
-        ]
+        graph = neighbourhoods(config.n, config.degree, config.graph_seed, round)
+        self.neighbours = graph[hospital_id]
 
         self._mask_key = X25519PrivateKey.from_private_bytes(self._randbytes(32))
         self._share_key = X25519PrivateKey.from_private_bytes(self._randbytes(32))
         self._seed = self._randbytes(32)
         self._adverts: dict[int, SignedAdvert] = {}
         self._held: dict[int, tuple[int, int]] = {}
-        self._answered = False
+        self._stage = "advertise"
+
+    def _enter(self, stage: str, after: str) -> None:
+        """Moves to ``stage``; raises unless the previous stage was ``after``.
+
+        Each stage runs once per round and in order: repeating one would
+        reuse nonces or masks, or reveal more shares than the protocol allows.
+        """
+        if self._stage != after:
+            raise AggregationAborted(
+                f"hospital {self.hospital_id}, round {self.round}: {stage} called "
+                f"when the last stage was {self._stage}; it must follow {after} and "
+                "runs once per round (make a new client for a new round)"
+            )
+        self._stage = stage
 
     def advertise(self) -> SignedAdvert:
         """Stage 1: returns this round's public keys, signed."""
@@ -129,11 +153,14 @@ class MaskingClient:
 
         Raises ``InvalidAdvert`` if any relayed advert fails its checks (the
         coordinator must not relay those), ``AggregationAborted`` if fewer than
-        ``threshold`` neighbours advertised.
+        ``threshold`` neighbours advertised. Runs once per round: sharing twice
+        would reuse AEAD nonces and hand out two independent sharings.
         """
+        self._enter("share_keys", "advertise")
         for advert in adverts:
             verify_advert(advert, self.directory, self.round)
-            if advert.hospital in self._adverts and self._adverts[advert.hospital] != advert:
+            known = self._adverts.get(advert.hospital)
+            if known is not None and known != advert:
                 raise InvalidAdvert(
                     f"two different adverts from hospital {advert.hospital} in round "
                     f"{self.round}; refusing to share keys"
@@ -153,10 +180,10 @@ class MaskingClient:
         # Share points are holder id + 1 so that no holder gets x = 0.
         xs = [j + 1 for j in holders]
         mask_secret = int.from_bytes(self._mask_key.private_bytes_raw(), "big")
-        key_shares = shamir.split(mask_secret, self.config.threshold, xs, self._randbytes)
-        seed_shares = shamir.split(
-            int.from_bytes(self._seed, "big"), self.config.threshold, xs, self._randbytes
-        )
+        seed_secret = int.from_bytes(self._seed, "big")
+        t = self.config.threshold
+        key_shares = shamir.split(mask_secret, t, xs, self._randbytes)
+        seed_shares = shamir.split(seed_secret, t, xs, self._randbytes)
 
         shares = []
         for j in holders:
@@ -165,10 +192,10 @@ class MaskingClient:
                 self._share_key.exchange(peer), self.round, self.hospital_id, j
             )
             nonce, aad = share_header(self.round, self.hospital_id, j)
-            plaintext = shamir.encode(key_shares[j + 1]) + shamir.encode(seed_shares[j + 1])
-            shares.append(
-                EncryptedShare(self.hospital_id, j, self.round, cipher.encrypt(nonce, plaintext, aad))
-            )
+            plaintext = shamir.encode(key_shares[j + 1])
+            plaintext += shamir.encode(seed_shares[j + 1])
+            ciphertext = cipher.encrypt(nonce, plaintext, aad)
+            shares.append(EncryptedShare(self.hospital_id, j, self.round, ciphertext))
         return shares
 
     def _accept_shares(self, received: Iterable[EncryptedShare]) -> None:
@@ -176,8 +203,9 @@ class MaskingClient:
         for share in received:
             if share.recipient != self.hospital_id or share.round != self.round:
                 raise InvalidShare(
-                    f"share from {share.sender} addressed to {share.recipient} in round "
-                    f"{share.round} reached hospital {self.hospital_id} in round {self.round}"
+                    f"share from {share.sender} addressed to {share.recipient} in "
+                    f"round {share.round} reached hospital {self.hospital_id} in "
+                    f"round {self.round}"
                 )
             advert = self._adverts.get(share.sender)
             if advert is None:
@@ -186,9 +214,8 @@ class MaskingClient:
                     f"{self.hospital_id} with a verified advert"
                 )
             peer = X25519PublicKey.from_public_bytes(advert.share_public)
-            cipher = share_cipher(
-                self._share_key.exchange(peer), self.round, share.sender, self.hospital_id
-            )
+            secret = self._share_key.exchange(peer)
+            cipher = share_cipher(secret, self.round, share.sender, self.hospital_id)
             nonce, aad = share_header(self.round, share.sender, self.hospital_id)
             try:
                 plaintext = cipher.decrypt(nonce, share.ciphertext, aad)
@@ -215,6 +242,9 @@ class MaskingClient:
         weight: integer weight in [1, max_weight], typically num_samples.
         received_shares: the encrypted shares neighbours addressed to this
             hospital; this hospital masks with exactly their senders.
+
+        Runs once per round: two masked inputs under the same masks would
+        reveal the difference of their updates.
         """
         if isinstance(weight, (bool, np.bool_)) or int(weight) != weight or not (
             1 <= weight <= self.config.max_weight
@@ -223,6 +253,7 @@ class MaskingClient:
                 f"weight must be an integer in [1, {self.config.max_weight}], got "
                 f"{weight!r}; raise max_weight in MaskingConfig if this is genuine"
             )
+        self._enter("masked_input", "share_keys")
         self._accept_shares(received_shares)
 
         levels, clipped = self.config.quantiser.quantise(values)
@@ -243,7 +274,8 @@ class MaskingClient:
         masked += expand(seed_key, plain.size, buffer)
         for j in sorted(self._held):
             peer = X25519PublicKey.from_public_bytes(self._adverts[j].mask_public)
-            key = pairwise_mask_key(self._mask_key.exchange(peer), self.round, self.hospital_id, j)
+            secret = self._mask_key.exchange(peer)
+            key = pairwise_mask_key(secret, self.round, self.hospital_id, j)
             if j > self.hospital_id:
                 masked += expand(key, plain.size, buffer)
             else:
@@ -262,7 +294,7 @@ class MaskingClient:
         dropped, and one with fewer than ``min_survivors`` survivors.
         """
         survivors, dropped = frozenset(survivors), frozenset(dropped)
-        if self._answered:
+        if self._stage == "unmask_response":
             raise AggregationAborted(
                 f"hospital {self.hospital_id} already answered the unmasking request "
                 f"of round {self.round}; a second request could reveal both secrets"
@@ -282,7 +314,7 @@ class MaskingClient:
                 f"only {len(survivors)} survivors, fewer than min_survivors "
                 f"{self.config.min_survivors}: the sum would expose too few updates"
             )
-        self._answered = True
+        self._enter("unmask_response", "masked_input")
 
         seed_shares, key_shares = {}, {}
         for owner, (key_share, seed_share) in self._held.items():

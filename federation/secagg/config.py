@@ -58,7 +58,9 @@ class MaskingConfig:
 
     def __post_init__(self) -> None:
         if self.n < 2:
-            raise ValueError(f"a masked round needs at least 2 hospitals, got n={self.n}")
+            raise ValueError(
+                f"a masked round needs at least 2 hospitals, got n={self.n}"
+            )
         degree = default_degree(self.n) if self.degree is None else self.degree
         if not 1 <= degree <= self.n - 1:
             raise ValueError(f"degree must lie in [1, {self.n - 1}], got {degree}")
@@ -77,19 +79,21 @@ class MaskingConfig:
         object.__setattr__(self, "degree", degree)
         object.__setattr__(self, "threshold", threshold)
         object.__setattr__(self, "min_survivors", min_survivors)
-        object.__setattr__(
-            self, "quantiser", Quantiser(self.clip_range, self.frac_bits, self.clip_mode)
-        )
+        quantiser = Quantiser(self.clip_range, self.frac_bits, self.clip_mode)
+        object.__setattr__(self, "quantiser", quantiser)
         self._check_modulus()
 
     def _check_modulus(self) -> None:
         """Raises unless 2^modulus_bits holds every possible signed sum."""
         if not 2 <= self.modulus_bits <= MAX_MODULUS_BITS:
             raise ValueError(
-                f"modulus_bits must lie in [2, {MAX_MODULUS_BITS}], got {self.modulus_bits}"
+                f"modulus_bits must lie in [2, {MAX_MODULUS_BITS}], "
+                f"got {self.modulus_bits}"
             )
         if not isinstance(self.max_weight, int) or self.max_weight < 1:
-            raise ValueError(f"max_weight must be a positive integer, got {self.max_weight!r}")
+            raise ValueError(
+                f"max_weight must be a positive integer, got {self.max_weight!r}"
+            )
 
         level = self.quantiser.max_level
         bound = self.n * level * self.max_weight

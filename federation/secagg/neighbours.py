@@ -7,6 +7,11 @@ The graph here is a Harary graph (hospitals on a ring, each joined to the k/2
 nearest on either side) over a random relabelling drawn from a public seed
 and the round number, so every party derives the same graph and it changes
 every round.
+
+Known shortcoming: the seed is a configuration value. Whoever picks it can
+try seeds until a target hospital's neighbourhood suits them; a deployment
+should derive it from a value no single party controls (for example the
+audit ledger's last block hash), which this module does not do.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ def default_degree(n: int) -> int:
     return n - 1 if degree >= n - 1 else degree
 
 
-def neighbourhoods(n: int, degree: int, seed: int, round_number: int) -> list[frozenset[int]]:
+def neighbourhoods(
+    n: int, degree: int, seed: int, round_number: int
+) -> list[frozenset[int]]:
     """Returns the neighbour set of each hospital 0..n-1 for one round.
 
     degree: n - 1 (complete graph) or an even number below n - 1.

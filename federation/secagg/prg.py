@@ -61,7 +61,8 @@ def expand(key: bytes, length: int, out: bytearray | None = None) -> np.ndarray:
 
 def pairwise_mask_key(shared_secret: bytes, round_number: int, a: int, b: int) -> bytes:
     """Key of the mask hospitals ``a`` and ``b`` share in a round (order-free)."""
-    return derive_key(shared_secret, "pairwise-mask", round_number, min(a, b), max(a, b))
+    pair = (min(a, b), max(a, b))
+    return derive_key(shared_secret, "pairwise-mask", round_number, *pair)
 
 
 def self_mask_key(seed: bytes, round_number: int, hospital: int) -> bytes:

@@ -39,11 +39,15 @@ class Quantiser:
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.clip_range) and self.clip_range > 0):
-            raise ValueError(f"clip_range must be finite and positive, got {self.clip_range}")
+            raise ValueError(
+                f"clip_range must be finite and positive, got {self.clip_range}"
+            )
         if not 0 <= self.frac_bits <= 40:
             raise ValueError(f"frac_bits must lie in [0, 40], got {self.frac_bits}")
         if self.clip_mode not in CLIP_MODES:
-            raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {self.clip_mode!r}")
+            raise ValueError(
+                f"clip_mode must be one of {CLIP_MODES}, got {self.clip_mode!r}"
+            )
 
     @property
     def max_level(self) -> int:
@@ -71,13 +75,15 @@ class Quantiser:
             index = int(np.flatnonzero(outside)[0])
             raise OutOfRange(
                 f"{count} values outside the declared range ±{self.clip_range}, "
-                f"first at index {index}: {float(x[index])}; clip the update (for example "
-                "by norm), raise clip_range, or use clip_mode='clip'",
+                f"first at index {index}: {float(x[index])}; clip the update (for "
+                "example by norm), raise clip_range, or use clip_mode='clip'",
                 index, float(x[index]), count,
             )
         if count:
             x = np.clip(x, -self.clip_range, self.clip_range)
-            logger.warning("clipped %d of %d values to ±%s", count, x.size, self.clip_range)
+            logger.warning(
+                "clipped %d of %d values to ±%s", count, x.size, self.clip_range
+            )
 
         levels = np.rint(x * 2.0**self.frac_bits).astype(np.int64)
         return levels, count

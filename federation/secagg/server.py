@@ -63,7 +63,9 @@ class MaskingServer:
         self.round = round
         self.directory = directory
         self.device = resolve_device(device)
-        self.neighbours = neighbourhoods(config.n, config.degree, config.graph_seed, round)
+        self.neighbours = neighbourhoods(
+            config.n, config.degree, config.graph_seed, round
+        )
         self.quantised_sum: np.ndarray | None = None
 
         self._adverts: dict[int, SignedAdvert] = {}
@@ -92,7 +94,9 @@ class MaskingServer:
             try:
                 verify_advert(advert, self.directory, self.round)
                 if advert.hospital in self._adverts:
-                    raise InvalidAdvert(f"second advert from hospital {advert.hospital}")
+                    raise InvalidAdvert(
+                        f"second advert from hospital {advert.hospital}"
+                    )
             except InvalidAdvert as error:
                 self._rejected[advert.hospital] = str(error)
                 self._adverts.pop(advert.hospital, None)
@@ -104,9 +108,8 @@ class MaskingServer:
 
     def relay_for(self, hospital: int) -> list[SignedAdvert]:
         """The accepted adverts of ``hospital``'s neighbours, to relay to it."""
-        relay = [
-            a for h, a in sorted(self._adverts.items()) if h in self.neighbours[hospital]
-        ]
+        wanted = self.neighbours[hospital]
+        relay = [a for h, a in sorted(self._adverts.items()) if h in wanted]
         self._bytes_out += sum(a.nbytes() for a in relay)
         return relay
 
@@ -129,7 +132,8 @@ class MaskingServer:
                 continue
             for share in bundle:
                 self._bytes_in += share.nbytes()
-                if share.recipient in self.neighbours[sender] and share.round == self.round:
+                wanted = share.recipient in self.neighbours[sender]
+                if wanted and share.round == self.round:
                     routed.setdefault(share.recipient, []).append(share)
                     self._routed.setdefault(sender, set()).add(share.recipient)
                     self._bytes_out += share.nbytes()
@@ -190,7 +194,10 @@ class MaskingServer:
 
     def receive_unmask(self, response: UnmaskResponse) -> None:
         """Stage 4b: stores one survivor's revealed shares."""
-        if self._unmask_request is None or response.hospital not in self._unmask_request[0]:
+        asked = self._unmask_request is not None and (
+            response.hospital in self._unmask_request[0]
+        )
+        if not asked:
             raise ValueError(
                 f"unmask response from hospital {response.hospital}, which was not "
                 "asked: call unmask_request first and accept survivors only"
@@ -241,7 +248,9 @@ class MaskingServer:
         Raises ``AggregationAborted`` when a needed secret cannot be rebuilt.
         """
         if self._unmask_request is None or self._sum is None:
-            raise AggregationAborted(f"round {self.round}: no masked inputs to aggregate")
+            raise AggregationAborted(
+                f"round {self.round}: no masked inputs to aggregate"
+            )
         start = time.perf_counter()
         survivors, dropped = self._unmask_request
         total = self._sum

@@ -42,7 +42,9 @@ def split(
     Returns ``{x: y}``.
     """
     if not 0 <= secret < PRIME:
-        raise ValueError(f"secret must lie in [0, 2^521 - 1), got {secret.bit_length()} bits")
+        raise ValueError(
+            f"secret must lie in [0, 2^521 - 1), got {secret.bit_length()} bits"
+        )
     if not 1 <= threshold <= len(xs):
         raise ValueError(
             f"threshold {threshold} must lie between 1 and the {len(xs)} holders"
