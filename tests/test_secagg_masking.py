@@ -352,3 +352,23 @@ def test_cuda_matches_cpu_exactly():
     np.testing.assert_array_equal(cpu_levels, cuda_levels)
     np.testing.assert_array_equal(cpu_total, cuda_total)
     assert cpu_weight == cuda_weight
+
+
+def test_masked_input_after_the_unmasking_request_is_refused():
+    config = MaskingConfig(n=5, threshold=3)
+    clients, directory = make_round(config, seed=16)
+    values, _ = updates(5, 20, seed=16)
+    server = MaskingServer(config, 1, directory, device="cpu")
+    server.receive_adverts([c.advertise() for c in clients])
+    routed = server.route_shares(
+        [c.share_keys(server.relay_for(c.hospital_id)) for c in clients]
+    )
+    for c in clients[:4]:
+        masked = c.masked_input(values[c.hospital_id], 1, routed[c.hospital_id])
+        server.receive_masked_input(masked)
+    survivors, dropped = server.unmask_request()
+
+    late = clients[4].masked_input(values[4], 1, routed[4])
+    with pytest.raises(ValueError, match="after the unmasking request"):
+        server.receive_masked_input(late)
+    assert dropped == {4} and survivors == {0, 1, 2, 3}

@@ -11,14 +11,11 @@ sum(weights) * 2^-(frac_bits+1) per coordinate.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from federation.secagg.errors import OutOfRange
-
-logger = logging.getLogger(__name__)
 
 CLIP_MODES = ("error", "clip")
 
@@ -81,9 +78,6 @@ class Quantiser:
             )
         if count:
             x = np.clip(x, -self.clip_range, self.clip_range)
-            logger.warning(
-                "clipped %d of %d values to ±%s", count, x.size, self.clip_range
-            )
 
         levels = np.rint(x * 2.0**self.frac_bits).astype(np.int64)
         return levels, count

@@ -143,6 +143,11 @@ class MaskingServer:
     def receive_masked_input(self, masked: MaskedInput) -> None:
         """Stage 3: adds one masked input into the running sum mod 2^k."""
         h = masked.hospital
+        if self._unmask_request is not None:
+            raise ValueError(
+                f"masked input of hospital {h} arrived after the unmasking request; "
+                "it counts as dropped in this round and cannot join the sum"
+            )
         if h not in self._shared or h in self._inputs or masked.round != self.round:
             raise ValueError(
                 f"unexpected masked input from hospital {h} for round {masked.round}: "
