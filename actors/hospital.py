@@ -1,0 +1,307 @@
+"""A hospital as a group of Ray actors that keep their patients to themselves.
+
+``HospitalTrainer`` loads its own partition inside the actor process
+(``clinical.load_hospital``) and only ever hands out model weights, weight
+deltas, sample counts and summary metrics: no method returns rows, labels or
+predictions. Ray restarts a crashed trainer (``max_restarts``); the
+constructor runs again, reloads the partition from the prepared-array cache,
+and the hospital rejoins the rounds once it answers a ping.
+
+Extension points, each in one place:
+
+- ``HospitalTrainer._make_trainer`` chooses the local trainer (plain
+  ``LocalTrainer``; a differentially private trainer with the same ``fit``
+  slots in here).
+- ``HospitalTrainer._postprocess`` is the single step between local training
+  and the update leaving the actor (masking for secure aggregation goes here).
+
+``HospitalGroup`` is the driver-side handle: it creates one hospital's actors
+on one placement-group bundle, so they share a node; ``reserve_bundles``
+makes the placement group, spreading hospitals over nodes on a multi-node
+cluster.
+
+Test-only fault injection: ``Fault`` makes a trainer raise, stall, crash its
+process or send a malformed update in chosen rounds. It exists to test the
+coordinator's handling of failing hospitals and is never set by ``medfed run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    remove_placement_group,
+)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+log = logging.getLogger(__name__)
+
+# A trainer is a small single-threaded model fit: ten hospitals share 2 CPUs.
+TRAINER_CPUS = 0.1
+# Restarts per trainer before Ray gives up on it for the rest of the run.
+MAX_RESTARTS = 3
+
+FAULT_KINDS = ("raise", "sleep", "crash", "nan", "zero_samples", "wrong_shape")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Test-only: a failure a trainer injects into ``fit`` in chosen rounds.
+
+    kind: ``"raise"`` (fit raises RuntimeError), ``"sleep"`` (fit stalls for
+        ``seconds`` first), ``"crash"`` (the actor process exits mid-fit;
+        Ray restarts it), ``"nan"``, ``"zero_samples"`` or ``"wrong_shape"``
+        (a malformed update is sent).
+    rounds: rounds in which to fail; empty means every round.
+    seconds: stall length for ``"sleep"``.
+    """
+
+    kind: str
+    rounds: tuple[int, ...] = ()
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(
+                f"unknown fault kind {self.kind!r}; choose one of "
+                f"{', '.join(FAULT_KINDS)}"
+            )
+
+    def applies(self, round: int) -> bool:
+        return not self.rounds or round in self.rounds
+
+
+@ray.remote(num_cpus=TRAINER_CPUS, max_restarts=MAX_RESTARTS, max_task_retries=0)
+class HospitalTrainer:
+    """One hospital's trainer actor; its patient rows never leave the process.
+
+    config: the run's ``cluster.config.RunConfig`` (data spec and training
+        settings); index: which hospital partition to load.
+    fault: test-only failure injection (see ``Fault``); ``None`` in real runs.
+    """
+
+    def __init__(self, config, index: int, fault: Fault | None = None) -> None:
+        import torch
+
+        from clinical.prepared import load_hospital
+
+        # One thread per trainer: many hospitals share few cores.
+        torch.set_num_threads(1)
+        _configure_logging()
+
+        started = time.perf_counter()
+        self._config = config
+        self._index = index
+        self._fault = fault
+        self._data = load_hospital(config.data, index, cache_dir=config.cache_dir)
+        self.name = self._data.name
+        self._trainer = self._make_trainer()
+        self._incarnation = f"{os.getpid()}-{time.time_ns()}"
+        log.info(
+            "%s ready in %.2f s: %d training and %d validation patients",
+            self.name, time.perf_counter() - started,
+            len(self._data.y_train), len(self._data.y_val),
+        )
+
+    def _make_trainer(self):
+        """Returns the local trainer; the one place that picks its kind."""
+        from federation.training import LocalTrainer
+
+        c = self._config
+        return LocalTrainer(
+            c.model, self._data.X_train, self._data.y_train,
+            batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
+            proximal_mu=c.mu if c.strategy == "fedprox" else 0.0,
+            hidden=c.hidden, seed=c.seed + 1000 * (self._index + 1),
+        )
+
+    def ping(self) -> dict:
+        """Liveness: ``{"hospital", "pid", "incarnation"}`` (changes on restart)."""
+        return {"hospital": self.name, "pid": os.getpid(),
+                "incarnation": self._incarnation}
+
+    def fit(
+        self,
+        round: int,
+        global_weights: np.ndarray,
+        epochs: int | None = None,
+        config: dict | None = None,
+    ):
+        """Trains from the global weights and returns a ``federation.Update``.
+
+        round: the round this update is for (echoed back, checked by the
+            coordinator). epochs: local passes (``None``: the run's
+            ``local_epochs``). config: per-round settings; ``"lr"`` and
+            ``"proximal_mu"`` are honoured.
+        The update's metrics hold the trainer's (``loss``, ``steps``, ...) plus
+        ``val_auroc`` and ``val_loss`` of the local model on this hospital's
+        validation patients.
+        """
+        from federation.aggregation import Update
+
+        self._inject_before(round)
+        for key in ("lr", "proximal_mu"):
+            if config and key in config:
+                setattr(self._trainer, key, float(config[key]))
+
+        # A copy: the broadcast array from the object store is read-only.
+        global_weights = np.array(global_weights, dtype=np.float32)
+        result = self._trainer.fit(global_weights, epochs or self._config.local_epochs)
+        metrics = dict(result.metrics)
+        local = self._validate(global_weights + result.delta)
+        metrics["val_auroc"] = local["auroc"]
+        metrics["val_loss"] = local["loss"]
+
+        update = Update(
+            hospital=self.name, round=round, delta=result.delta,
+            num_samples=int(result.num_samples), metrics=metrics,
+        )
+        return self._postprocess(update)
+
+    def _postprocess(self, update):
+        """The one step between training and sending (masking goes here)."""
+        fault = self._fault
+        if fault is not None and fault.applies(update.round):
+            if fault.kind == "nan":
+                update.delta = np.full_like(update.delta, np.nan)
+            elif fault.kind == "zero_samples":
+                update.num_samples = 0
+            elif fault.kind == "wrong_shape":
+                update.delta = np.zeros(update.delta.size + 1, dtype=np.float32)
+        return update
+
+    def _inject_before(self, round: int) -> None:
+        fault = self._fault
+        if fault is None or not fault.applies(round):
+            return
+        if fault.kind == "raise":
+            raise RuntimeError(f"{self.name}: injected failure in round {round}")
+        if fault.kind == "sleep":
+            time.sleep(fault.seconds)
+        elif fault.kind == "crash":
+            log.warning("%s: injected crash in round %d", self.name, round)
+            os._exit(1)
+
+    def evaluate(self, weights: np.ndarray) -> dict:
+        """Scores ``weights`` on this hospital's validation patients.
+
+        Returns ``federation.metrics.binary_metrics`` plus ``loss`` and
+        ``num_samples`` (the validation count); AUROC is NaN when the
+        validation patients hold one class only.
+        """
+        result = self._validate(np.array(weights, dtype=np.float32))
+        result["num_samples"] = int(len(self._data.y_val))
+        return result
+
+    def train_local_only(self, epochs_total: int) -> np.ndarray:
+        """Trains a fresh model on this hospital's patients alone; returns weights.
+
+        The model starts from the same initial weights as the federation and
+        makes ``epochs_total`` passes, as many as the federation's rounds
+        times local epochs. A separate trainer is used, so the federated
+        trainer's state (shuffling stream, any privacy accounting) is untouched.
+        """
+        from federation.models import build_model, get_weights
+        from federation.training import LocalTrainer
+
+        c = self._config
+        initial = get_weights(build_model(
+            c.model, self._data.X_train.shape[1], c.hidden, c.seed
+        ))
+        trainer = LocalTrainer(
+            c.model, self._data.X_train, self._data.y_train,
+            batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
+            hidden=c.hidden, seed=c.seed + 1000 * (self._index + 1),
+        )
+        result = trainer.fit(initial, epochs_total)
+        return (initial + result.delta).astype(np.float32)
+
+    def _validate(self, weights: np.ndarray) -> dict:
+        if len(self._data.y_val) == 0:
+            return {"auroc": math.nan, "loss": math.nan}
+        try:
+            return self._trainer.evaluate(weights, self._data.X_val, self._data.y_val)
+        except ValueError as exc:
+            # A diverged local model (non-finite outputs) cannot be scored;
+            # the coordinator's update screening decides what happens to it.
+            log.warning("%s: local validation failed: %s", self.name, exc)
+            return {"auroc": math.nan, "loss": math.nan}
+
+
+def _configure_logging() -> None:
+    """Gives actor processes INFO logs on stderr, which Ray forwards to the driver."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        )
+
+
+def reserve_bundles(
+    count: int, cpus_per_bundle: float = TRAINER_CPUS, timeout_s: float = 60.0
+) -> PlacementGroup:
+    """Reserves one placement-group bundle per hospital and waits until ready.
+
+    The bundles spread over nodes (``SPREAD``) when the cluster has more than
+    one, and pack onto the one node otherwise. Raises RuntimeError naming the
+    shortfall when the cluster cannot hold them within ``timeout_s`` seconds.
+    """
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    strategy = "SPREAD" if len(nodes) > 1 else "PACK"
+    group = placement_group([{"CPU": cpus_per_bundle}] * count, strategy=strategy)
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        free = ray.available_resources().get("CPU", 0.0)
+        raise RuntimeError(
+            f"could not place {count} hospitals ({count * cpus_per_bundle:.1f} CPU) "
+            f"within {timeout_s:.0f} s; {free:.1f} CPU free. Use fewer hospitals "
+            "or a larger cluster (--num-cpus)"
+        )
+    log.info("placed %d hospital bundles (%s over %d node(s))", count, strategy,
+             len(nodes))
+    return group
+
+
+class HospitalGroup:
+    """Driver-side handle on one hospital's actors, all on one bundle.
+
+    Creating a group starts its actors; ``trainer`` is the training actor's
+    handle. ``kill`` ends them for good (no restart).
+    """
+
+    def __init__(
+        self,
+        config,
+        index: int,
+        name: str,
+        group: PlacementGroup | None = None,
+        fault: Fault | None = None,
+    ) -> None:
+        self.index = index
+        self.name = name
+        options = {}
+        if group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=index,
+            )
+        self.trainer = HospitalTrainer.options(**options).remote(config, index, fault)
+
+    def actors(self) -> list:
+        """Every actor handle of this hospital."""
+        return [self.trainer]
+
+    def kill(self) -> None:
+        for actor in self.actors():
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as exc:  # already gone: nothing left to end
+                log.debug("%s: kill: %s", self.name, exc)

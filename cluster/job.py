@@ -1,0 +1,221 @@
+"""The ``medfed run`` job: prepare data, federate over hospital actors, compare.
+
+``run_job`` runs inside one Ray session (a local instance on 127.0.0.1 or a
+joined cluster): it prepares the data once on the driver (the on-disk cache
+lets every hospital actor load its own partition quickly), starts one
+``HospitalGroup`` per hospital and a ``Coordinator``, runs the rounds,
+trains the centralised and local-only baselines, builds the results and
+writes the report. Every actor and the placement group it started are ended
+on success, on error and on Ctrl-C; a local Ray instance is shut down.
+
+Results schema (also ``metrics.json``): ``config``, ``dataset``,
+``federated``, ``centralized``, ``local`` (``mean_auroc``, ``per_hospital``),
+``rounds`` (one record per round, see ``Coordinator.run_round``),
+``bayes_auroc`` (synthetic data only, else None), ``failures`` (``[{"round",
+"hospital", "kind", "reason"}]``, kind ``dropped``/``rejected``/
+``round_failed``/``baseline``) and ``runtime`` (``ray`` session summary,
+``seconds`` per phase and in total, ``device`` of aggregation). Non-finite
+numbers become ``None`` so the file is strict JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from cluster.config import RunConfig, to_dict, validate
+
+log = logging.getLogger(__name__)
+
+
+def default_out() -> str:
+    """``./runs/<UTC timestamp>``, the output folder when none is given."""
+    return str(Path("runs") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+
+
+def run_job(config: RunConfig, faults: dict | None = None) -> dict:
+    """Runs one federated job end to end and returns its results dict.
+
+    config: a validated or unvalidated ``RunConfig`` (validated here);
+        ``config.out`` defaults to ``./runs/<timestamp>``.
+    faults: test-only, ``{hospital_index: actors.hospital.Fault}``.
+    Writes the report (``cluster.report.write_report``) into the output folder.
+    """
+    from cluster.runtime import ray_session
+
+    validate(config)
+    if config.out is None:
+        config = _with(config, out=default_out())
+    out = Path(config.out)
+    checkpoint_dir = config.checkpoint_dir or str(out / "checkpoint")
+    started = time.perf_counter()
+
+    with ray_session(config.address, config.num_cpus) as session:
+        results = _federate(config, checkpoint_dir, faults or {}, session)
+    results["runtime"]["seconds"] = time.perf_counter() - started
+
+    from cluster.report import json_safe, write_report
+
+    results = json_safe(results)
+    write_report(out, results)
+    log.info("results and report written to %s", out)
+    return results
+
+
+def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
+              session: dict) -> dict:
+    """Everything that needs Ray; ends every actor it starts, whatever happens."""
+    from actors.coordinator import Coordinator
+    from actors.hospital import HospitalGroup, reserve_bundles
+    from clinical.prepared import prepare
+    from cluster import baselines
+    from cluster.runtime import cluster_has_gpu
+    from federation.models import weights_hash
+
+    seconds = {}
+    t = time.perf_counter()
+    prepared = prepare(config.data, cache_dir=config.cache_dir)
+    seconds["prepare"] = time.perf_counter() - t
+    names = [h["name"] for h in prepared.hospitals]
+    log.info("data: %s, %d hospitals, %d training and %d test patients (%.1f s)",
+             config.data.dataset, len(names), len(prepared.y_train),
+             len(prepared.y_test), seconds["prepare"])
+
+    group = None
+    hospitals: list = []
+    coordinator = None
+    try:
+        t = time.perf_counter()
+        group = reserve_bundles(len(names), timeout_s=config.ping_timeout_s * 2)
+        hospitals = [
+            HospitalGroup(config, i, name, group, faults.get(i))
+            for i, name in enumerate(names)
+        ]
+        device = "cuda" if cluster_has_gpu() else "cpu"
+        coordinator = Coordinator.options(num_gpus=1 if device == "cuda" else 0).remote(
+            config, prepared.X_train.shape[1], prepared.X_test, prepared.y_test,
+            [(h.name, h.trainer) for h in hospitals], checkpoint_dir, device,
+        )
+        state = ray.get(coordinator.state.remote())
+        seconds["start"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        _run_rounds(config, coordinator, state["round"])
+        records = ray.get(coordinator.round_records.remote())
+        weights = ray.get(coordinator.global_weights.remote())
+        seconds["rounds"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        federated = baselines.score(config, weights, prepared.X_test, prepared.y_test)
+        federated["weights_hash"] = weights_hash(weights)
+        federated["rounds_ok"] = sum(r["status"] == "ok" for r in records)
+        centralized = baselines.centralized(config, prepared)
+        centralized["weights_hash"] = weights_hash(centralized.pop("weights"))
+        baseline_timeout = config.round_timeout_s * max(1, config.rounds)
+        local, baseline_failures = baselines.local_only(
+            config, prepared, hospitals, weights, baseline_timeout
+        )
+        seconds["baselines"] = time.perf_counter() - t
+    finally:
+        _shutdown(coordinator, hospitals, group)
+
+    log.info("federated test AUROC %.4f, centralised %.4f, local-only mean %.4f",
+             federated["auroc"], centralized["auroc"], local["mean_auroc"])
+    return {
+        "config": to_dict(config),
+        "dataset": _dataset_summary(config, prepared),
+        "federated": federated,
+        "centralized": centralized,
+        "local": local,
+        "rounds": records,
+        "bayes_auroc": prepared.bayes_auroc,
+        "failures": _failures(records) + baseline_failures,
+        "runtime": {
+            "ray": {k: session.get(k) for k in
+                    ("address", "local", "nodes", "node_addresses", "cpus", "gpus")},
+            "device": state["device"],
+            "resumed_from": state["resumed_from"],
+            "phase_seconds": seconds,
+        },
+    }
+
+
+def _run_rounds(config: RunConfig, coordinator, start_round: int) -> None:
+    """Drives the coordinator round by round, logging one line per round."""
+    if start_round >= config.rounds:
+        log.info("checkpoint is at round %d of %d: no rounds left to run",
+                 start_round, config.rounds)
+    # A round is bounded by the ping and round timeouts; the margin covers
+    # scoring, aggregation and the checkpoint write.
+    limit = config.ping_timeout_s + config.round_timeout_s + 300
+    for _ in range(start_round, config.rounds):
+        record = ray.get(coordinator.run_round.remote(), timeout=limit)
+        log.info(
+            "round %d/%d %s: AUROC %.4f, %d participant(s), %d dropped, "
+            "%d rejected, %.2f s",
+            record["round"], config.rounds, record["status"],
+            record["test"]["auroc"], len(record["participants"]),
+            len(record["dropped"]), len(record["rejected"]), record["seconds"],
+        )
+        if record["status"] == "failed" and config.on_round_failure == "stop":
+            log.warning("stopping after failed round %d (on_round_failure=stop)",
+                        record["round"])
+            break
+
+
+def _shutdown(coordinator, hospitals: list, group) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    if coordinator is not None:
+        try:
+            ray.kill(coordinator)
+        except Exception as exc:  # already gone: nothing left to end
+            log.debug("coordinator kill: %s", exc)
+    for h in hospitals:
+        h.kill()
+    if group is not None:
+        try:
+            remove_placement_group(group)
+        except Exception as exc:
+            log.debug("placement group removal: %s", exc)
+
+
+def _dataset_summary(config: RunConfig, prepared) -> dict:
+    return {
+        "name": config.data.dataset,
+        "target": config.data.target,
+        "partition": config.data.partition,
+        "alpha": config.data.alpha,
+        "partition_note": prepared.partition_note,
+        "features": int(prepared.X_train.shape[1]),
+        "feature_names": list(prepared.feature_names),
+        "train_patients": int(len(prepared.y_train)),
+        "test_patients": int(len(prepared.y_test)),
+        "train_label_rate": float(np.mean(prepared.y_train)),
+        "test_label_rate": float(np.mean(prepared.y_test)),
+        "hospitals": prepared.hospitals,
+    }
+
+
+def _failures(records: list[dict]) -> list[dict]:
+    out = []
+    for rec in records:
+        for kind in ("dropped", "rejected"):
+            for item in rec[kind]:
+                out.append({"round": rec["round"], "hospital": item["hospital"],
+                            "kind": kind, "reason": item["reason"]})
+        if rec["status"] == "failed":
+            out.append({"round": rec["round"], "hospital": None,
+                        "kind": "round_failed", "reason": rec["failure"]})
+    return out
+
+
+def _with(config: RunConfig, **changes) -> RunConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)

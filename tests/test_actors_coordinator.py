@@ -1,0 +1,148 @@
+"""The coordinator under failure: crashes, errors, timeouts, bad updates, resume.
+
+Faults are injected with ``actors.hospital.Fault``, a test-only option of the
+hospital actor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import ray
+
+from actors.coordinator import Coordinator
+from actors.hospital import Fault, HospitalGroup
+from clinical.prepared import prepare
+from clinical.spec import DataSpec
+from cluster.config import RunConfig
+from federation.models import weights_hash
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    spec = DataSpec(dataset="synthetic", synthetic_patients=4000, hospitals=4, seed=2)
+    cache = str(tmp_path_factory.mktemp("cache"))
+    return spec, cache, prepare(spec, cache_dir=cache)
+
+
+def _config(data, **changes) -> RunConfig:
+    spec, cache, _ = data
+    base = RunConfig(data=spec, cache_dir=cache, rounds=3, lr=0.5, quorum=0.5,
+                     round_timeout_s=20, ping_timeout_s=60)
+    return dataclasses.replace(base, **changes)
+
+
+def _start(config, data, faults, checkpoint_dir, count=None):
+    _, _, prepared = data
+    groups = [
+        HospitalGroup(config, i, f"hospital-{i:02d}", None, faults.get(i))
+        for i in range(count or config.data.hospitals)
+    ]
+    coordinator = Coordinator.remote(
+        config, prepared.X_train.shape[1], prepared.X_test, prepared.y_test,
+        [(g.name, g.trainer) for g in groups], str(checkpoint_dir),
+    )
+    return groups, coordinator
+
+
+def _stop(groups, coordinator):
+    ray.kill(coordinator)
+    for g in groups:
+        g.kill()
+
+
+def _run(coordinator, rounds):
+    return [ray.get(coordinator.run_round.remote(), timeout=180)
+            for _ in range(rounds)]
+
+
+def test_failing_hospitals_are_dropped_and_rejoin(ray_local, data, tmp_path):
+    config = _config(data, round_timeout_s=3)
+    faults = {
+        1: Fault("crash", rounds=(2,)),           # process dies mid-round 2
+        2: Fault("raise", rounds=(1,)),           # fit raises in round 1
+        3: Fault("sleep", rounds=(1,), seconds=6),  # misses the round-1 deadline
+    }
+    groups, coordinator = _start(config, data, faults, tmp_path)
+    try:
+        first, second, third = _run(coordinator, 3)
+    finally:
+        _stop(groups, coordinator)
+
+    dropped = {d["hospital"]: d["reason"] for d in first["dropped"]}
+    assert first["status"] == "ok"
+    assert "RuntimeError" in dropped["hospital-02"]
+    assert "timed out" in dropped["hospital-03"]
+    assert first["participants"] == ["hospital-00", "hospital-01"]
+
+    dropped = {d["hospital"]: d["reason"] for d in second["dropped"]}
+    assert second["status"] == "ok"
+    assert "died" in dropped["hospital-01"]
+    assert "hospital-01" not in second["participants"]
+    assert "hospital-03" in second["participants"]
+
+    # The crashed actor was restarted by Ray and takes part again.
+    assert third["status"] == "ok"
+    assert third["participants"] == [f"hospital-{i:02d}" for i in range(4)]
+    assert third["dropped"] == []
+
+
+def test_bad_updates_are_rejected_and_an_all_bad_round_fails(ray_local, data,
+                                                             tmp_path):
+    config = _config(data, rounds=2, quorum=1.0)
+    faults = {
+        0: Fault("nan", rounds=(2,)),
+        1: Fault("nan"),
+        2: Fault("zero_samples"),
+        3: Fault("wrong_shape"),
+    }
+    groups, coordinator = _start(config, data, faults, tmp_path)
+    try:
+        initial = ray.get(coordinator.state.remote())["weights_hash"]
+        first, second = _run(coordinator, 2)
+        final = ray.get(coordinator.global_weights.remote())
+    finally:
+        _stop(groups, coordinator)
+
+    reasons = {r["hospital"]: r["reason"] for r in first["rejected"]}
+    assert first["status"] == "ok" and first["participants"] == ["hospital-00"]
+    assert "NaN" in reasons["hospital-01"]
+    assert "num_samples" in reasons["hospital-02"]
+    assert "shape" in reasons["hospital-03"]
+    assert first["weights_hash"] != initial
+
+    assert second["status"] == "failed"
+    assert "rejected" in second["failure"]
+    assert len(second["rejected"]) == 4 and second["participants"] == []
+    assert second["weights_hash"] == first["weights_hash"] == weights_hash(final)
+
+
+def test_resume_continues_from_the_saved_round(ray_local, data, tmp_path):
+    config = _config(data, rounds=3, strategy="fedadam")
+    groups, coordinator = _start(config, data, {}, tmp_path, count=2)
+    try:
+        before = _run(coordinator, 2)
+        ray.kill(coordinator)
+
+        resumed_config = dataclasses.replace(config, resume=True)
+        _, _, prepared = data
+        coordinator = Coordinator.remote(
+            resumed_config, prepared.X_train.shape[1], prepared.X_test,
+            prepared.y_test, [(g.name, g.trainer) for g in groups], str(tmp_path),
+        )
+        state = ray.get(coordinator.state.remote())
+        assert state["round"] == 2 and state["resumed_from"] == 2
+        assert state["weights_hash"] == before[-1]["weights_hash"]
+        third = ray.get(coordinator.run_round.remote(), timeout=180)
+        records = ray.get(coordinator.round_records.remote())
+    finally:
+        _stop(groups, coordinator)
+
+    assert third["round"] == 3 and third["status"] == "ok"
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert third["weights_hash"] != before[-1]["weights_hash"]
+    assert np.isfinite(third["auroc"])

@@ -1,0 +1,106 @@
+"""Hospital actors: they train and score, and never hand out their patients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+
+from actors.hospital import HospitalGroup, HospitalTrainer, reserve_bundles
+from clinical.prepared import load_hospital, prepare
+from clinical.spec import DataSpec
+from cluster.config import RunConfig
+from federation.aggregation import Update
+from federation.models import build_model, get_weights
+
+pytestmark = pytest.mark.ray
+
+PUBLIC_METHODS = {"ping", "fit", "evaluate", "train_local_only"}
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> RunConfig:
+    spec = DataSpec(dataset="synthetic", synthetic_patients=3000, hospitals=2, seed=1)
+    cache = str(tmp_path_factory.mktemp("cache"))
+    prepare(spec, cache_dir=cache)
+    return RunConfig(data=spec, cache_dir=cache, rounds=2, lr=0.5)
+
+
+@pytest.fixture(scope="module")
+def group(ray_local, config):
+    placement = reserve_bundles(config.data.hospitals, timeout_s=60)
+    made = HospitalGroup(config, 0, "hospital-00", placement)
+    yield made
+    made.kill()
+    ray.util.remove_placement_group(placement)
+
+
+def _arrays(value):
+    """Every numpy array inside a returned value (dicts, lists, dataclasses)."""
+    if isinstance(value, np.ndarray):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _arrays(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _arrays(v)
+    elif hasattr(value, "__dataclass_fields__"):
+        for name in value.__dataclass_fields__:
+            yield from _arrays(getattr(value, name))
+
+
+def test_public_methods_are_the_audited_ones():
+    cls = HospitalTrainer.__ray_actor_class__
+    public = {name for name in vars(cls) if not name.startswith("_")}
+    # A new public method must be added here after checking what it returns.
+    assert public == PUBLIC_METHODS
+
+
+def test_no_method_returns_patient_rows(group, config):
+    own = load_hospital(config.data, 0, cache_dir=config.cache_dir)
+    n_features = own.X_train.shape[1]
+    initial = get_weights(build_model(config.model, n_features, config.hidden, 0))
+    row_counts = {len(own.y_train), len(own.y_val)}
+
+    outputs = {
+        "ping": ray.get(group.trainer.ping.remote()),
+        "fit": ray.get(group.trainer.fit.remote(1, initial, 1)),
+        "evaluate": ray.get(group.trainer.evaluate.remote(initial)),
+        "train_local_only": ray.get(group.trainer.train_local_only.remote(1)),
+    }
+    assert set(outputs) == PUBLIC_METHODS
+    data_values = [own.X_train, own.y_train, own.X_val, own.y_val]
+    for method, value in outputs.items():
+        for array in _arrays(value):
+            assert array.shape[0] not in row_counts, (method, array.shape)
+            assert array.size <= n_features + 1, (method, array.shape)
+            for data in data_values:
+                assert not (array.shape == data.shape and np.array_equal(array, data))
+
+
+def test_fit_returns_an_update_that_moves_the_weights(group, config):
+    own = load_hospital(config.data, 0, cache_dir=config.cache_dir)
+    initial = get_weights(
+        build_model(config.model, own.X_train.shape[1], config.hidden, 0)
+    )
+    update = ray.get(group.trainer.fit.remote(3, initial, 2))
+    assert isinstance(update, Update)
+    assert update.hospital == "hospital-00" and update.round == 3
+    assert update.num_samples == len(own.y_train)
+    assert update.delta.dtype == np.float32 and update.delta.shape == initial.shape
+    assert np.abs(update.delta).sum() > 0
+    assert update.metrics["epochs"] == 2
+    assert "val_auroc" in update.metrics and "val_loss" in update.metrics
+
+
+def test_local_only_model_beats_its_starting_point(group, config):
+    own = load_hospital(config.data, 0, cache_dir=config.cache_dir)
+    initial = get_weights(
+        build_model(config.model, own.X_train.shape[1], config.hidden, config.seed)
+    )
+    trained = ray.get(group.trainer.train_local_only.remote(5))
+    before = ray.get(group.trainer.evaluate.remote(initial))
+    after = ray.get(group.trainer.evaluate.remote(trained))
+    assert after["loss"] < before["loss"]
+    assert after["num_samples"] == len(own.y_val)

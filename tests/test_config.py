@@ -1,0 +1,112 @@
+"""RunConfig loading: files, overrides, and errors that name the bad key or value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.config import RunConfig, load_config, override, validate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_example_configs_load():
+    main = load_config(REPO / "configs" / "diabetes130.toml")
+    assert main.data.dataset == "diabetes130"
+    assert main.data.hospitals == 10
+    assert main.data.partition in ("dirichlet", "natural")
+    assert main.data.target == "readmit30"
+    synthetic = load_config(REPO / "configs" / "synthetic.toml")
+    assert synthetic.data.dataset == "synthetic"
+
+
+def test_toml_and_yaml_give_the_same_config(tmp_path):
+    (tmp_path / "a.toml").write_text(
+        'rounds = 7\nlr = 1\nstrategy = "fedadam"\n[data]\nhospitals = 4\n'
+    )
+    (tmp_path / "a.yaml").write_text(
+        "rounds: 7\nlr: 1\nstrategy: fedadam\ndata:\n  hospitals: 4\n"
+    )
+    a = load_config(tmp_path / "a.toml")
+    b = load_config(tmp_path / "a.yaml")
+    assert a == b
+    assert a.rounds == 7 and a.strategy == "fedadam" and a.data.hospitals == 4
+    # An integer in the file widens to the float field.
+    assert isinstance(a.lr, float) and a.lr == 1.0
+
+
+def test_flags_override_the_file(tmp_path):
+    (tmp_path / "c.toml").write_text("rounds = 7\n[data]\nhospitals = 4\n")
+    c = load_config(tmp_path / "c.toml", {"rounds": 3, "data.alpha": 0.1,
+                                          "model": None})
+    assert c.rounds == 3 and c.data.alpha == 0.1 and c.data.hospitals == 4
+    assert c.model == "logreg"
+
+
+def test_top_level_seed_seeds_the_data_unless_given(tmp_path):
+    (tmp_path / "s.toml").write_text("seed = 5\n")
+    assert load_config(tmp_path / "s.toml").data.seed == 5
+    (tmp_path / "t.toml").write_text("seed = 5\n[data]\nseed = 2\n")
+    assert load_config(tmp_path / "t.toml").data.seed == 2
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("roundz = 3\n", "roundz"),
+        ("[data]\nhospitalz = 3\n", "data.hospitalz"),
+        ("[privacy_typo]\nepsilon = 1\n", "privacy_typo"),
+    ],
+)
+def test_unknown_key_is_an_error_naming_it(tmp_path, text, named):
+    (tmp_path / "u.toml").write_text(text)
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        load_config(tmp_path / "u.toml")
+
+
+@pytest.mark.parametrize(
+    "text, field, value",
+    [
+        ("rounds = 0\n", "rounds", "0"),
+        ('strategy = "fedsgd"\n', "strategy", "fedsgd"),
+        ("fraction = 1.5\n", "fraction", "1.5"),
+        ("lr = -0.1\n", "lr", "-0.1"),
+        ("quorum = 2.5\n", "quorum", "2.5"),
+        ('rounds = "ten"\n', "rounds", "ten"),
+        ("[data]\nhospitals = 0\n", "hospitals", "0"),
+        ('[data]\npartition = "random"\n', "partition", "random"),
+    ],
+)
+def test_bad_values_name_field_and_value(tmp_path, text, field, value):
+    (tmp_path / "b.toml").write_text(text)
+    with pytest.raises(ValueError) as info:
+        load_config(tmp_path / "b.toml")
+    assert field in str(info.value) and value in str(info.value)
+
+
+def test_quorum_count_above_the_sample_is_refused():
+    config = override(RunConfig(), {"data.hospitals": 4, "fraction": 0.5,
+                                    "quorum": 3})
+    with pytest.raises(ValueError, match="quorum"):
+        validate(config)
+
+
+def test_quorum_fraction_and_count():
+    config = RunConfig()
+    assert config.quorum_count(10) == 5
+    assert override(config, {"quorum": 0.25}).quorum_count(10) == 3
+    assert override(config, {"quorum": 2}).quorum_count(10) == 2
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.toml")
+    (tmp_path / "c.json").write_text("{}")
+    with pytest.raises(ValueError, match=".json"):
+        load_config(tmp_path / "c.json")
+    (tmp_path / "broken.toml").write_text("rounds = = 3\n")
+    with pytest.raises(ValueError, match="TOML"):
+        load_config(tmp_path / "broken.toml")
+    with pytest.raises(ValueError, match="nothing"):
+        override(RunConfig(), {"nothing": 1})
