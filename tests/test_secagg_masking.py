@@ -372,3 +372,31 @@ def test_masked_input_after_the_unmasking_request_is_refused():
     with pytest.raises(ValueError, match="after the unmasking request"):
         server.receive_masked_input(late)
     assert dropped == {4} and survivors == {0, 1, 2, 3}
+
+
+def test_keys_given_as_raw_bytes_work_like_key_objects():
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        PublicFormat,
+    )
+
+    config = MaskingConfig(n=4)
+    identities = [Ed25519PrivateKey.generate() for _ in range(4)]
+    directory = {
+        i: k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        for i, k in enumerate(identities)
+    }
+    raw = [
+        k.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        for k in identities
+    ]
+    clients = [
+        MaskingClient(i, raw[i], config, 2, directory=directory) for i in range(4)
+    ]
+    values, weights = updates(4, 30, seed=17)
+
+    _, weight, _ = run_masked_round(clients, values, weights, device="cpu")
+
+    assert weight == sum(weights)

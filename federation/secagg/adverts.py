@@ -20,8 +20,32 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from federation.secagg.errors import InvalidAdvert
 from federation.secagg.messages import SignedAdvert
 
-Directory = Mapping[int, Ed25519PublicKey]
-"""Identity public key of every hospital, by hospital id."""
+Directory = Mapping[int, Ed25519PublicKey | bytes]
+"""Identity public key of every hospital, by hospital id: a key object or its
+32 raw bytes (raw bytes pickle; key objects do not, so pass bytes to actors)."""
+
+
+def load_directory(directory: Directory) -> dict[int, Ed25519PublicKey]:
+    """Returns the directory with every entry as an ``Ed25519PublicKey``."""
+    loaded = {}
+    for hospital, key in directory.items():
+        if isinstance(key, (bytes, bytearray)):
+            try:
+                key = Ed25519PublicKey.from_public_bytes(bytes(key))
+            except ValueError:
+                raise ValueError(
+                    f"identity key of hospital {hospital} is not 32 raw Ed25519 "
+                    f"public-key bytes (got {len(key)} bytes)"
+                ) from None
+        loaded[int(hospital)] = key
+    return loaded
+
+
+def load_identity(key: Ed25519PrivateKey | bytes) -> Ed25519PrivateKey:
+    """Returns an identity signing key given as a key object or 32 raw bytes."""
+    if isinstance(key, (bytes, bytearray)):
+        return Ed25519PrivateKey.from_private_bytes(bytes(key))
+    return key
 
 
 def seed_commitment(seed: bytes, round_number: int, hospital: int) -> bytes:

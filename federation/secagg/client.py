@@ -42,6 +42,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from federation.secagg import shamir
 from federation.secagg.adverts import (
     Directory,
+    load_directory,
+    load_identity,
     seed_commitment,
     sign_advert,
     verify_advert,
@@ -85,18 +87,21 @@ class MaskingClient:
     """One hospital in one masked round.
 
     hospital_id: this hospital's id in 0..config.n-1.
-    identity_key: its long-term Ed25519 signing key.
+    identity_key: its long-term Ed25519 signing key (object or 32 raw bytes).
     config: the round's shared parameters.
     round: the round number; keys, masks and graph are fresh per round.
     rng: source of secret random bytes, ``os.urandom`` when None. Pass a
         deterministic source only in tests: masks are exactly as secret as it.
     directory: identity public keys of all hospitals, by id.
+
+    The object holds secret keys and does not pickle: build it where the
+    hospital runs (inside its actor), one per round.
     """
 
     def __init__(
         self,
         hospital_id: int,
-        identity_key: Ed25519PrivateKey,
+        identity_key: Ed25519PrivateKey | bytes,
         config: MaskingConfig,
         round: int,
         rng: Callable[[int], bytes] | None = None,
@@ -110,8 +115,8 @@ class MaskingClient:
         self.hospital_id = hospital_id
         self.config = config
         self.round = round
-        self.directory = directory
-        self._identity_key = identity_key
+        self.directory = load_directory(directory)
+        self._identity_key = load_identity(identity_key)
         self._randbytes = os.urandom if rng is None else rng
         graph = neighbourhoods(config.n, config.degree, config.graph_seed, round)
         self.neighbours = graph[hospital_id]

@@ -27,7 +27,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from federation.secagg import shamir
-from federation.secagg.adverts import Directory, seed_commitment, verify_advert
+from federation.secagg.adverts import (
+    Directory,
+    load_directory,
+    seed_commitment,
+    verify_advert,
+)
 from federation.secagg.config import MaskingConfig
 from federation.secagg.errors import AggregationAborted, InvalidAdvert
 from federation.secagg.messages import (
@@ -61,7 +66,7 @@ class MaskingServer:
     ) -> None:
         self.config = config
         self.round = round
-        self.directory = directory
+        self.directory = load_directory(directory)
         self.device = resolve_device(device)
         self.neighbours = neighbourhoods(
             config.n, config.degree, config.graph_seed, round
