@@ -1,1 +1,5 @@
-"""Federated learning core without Ray: models, local training, aggregation, privacy, secure aggregation, metrics."""
+"""Federated learning core without Ray.
+
+Models, local training, aggregation, privacy (DP-SGD and distributed DP),
+secure aggregation (``federation.secagg``) and metrics.
+"""

@@ -1,1 +1,1 @@
-"""The permissioned ledger: Raft consensus, durable log, signed entries, rules and blocks. Pure: no Ray."""
+"""The permissioned ledger: Raft, durable log, signed entries, rules, blocks. No Ray."""
