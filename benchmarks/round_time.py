@@ -26,6 +26,9 @@ loading, Ray start and shutdown included), median seconds per round, peak
 memory of the whole process tree (sum of resident set sizes of the process
 and all its descendants, sampled every 0.1 s; shared pages are counted in
 every process that maps them, as ``ps`` would) and the final test AUROC.
+The wall time is split into imports, work (Ray start and shutdown included)
+and interpreter exit; peak PSS (shared pages split between the processes
+that map them) and the peak RSS per kind of process are printed too.
 
 Usage:
     python benchmarks/round_time.py [--rounds 20] [--ways medfed,flower,plain]
@@ -53,6 +56,9 @@ REPO = HERE.parent
 WAYS = ("medfed", "flower", "plain")
 CONFIG_ENV = "MEDFED_ROUND_TIME_CONFIG"
 SAMPLE_SECONDS = 0.1
+# Wall-clock instants a way's process passes (time.time()): "imported" after
+# its heavy imports, "finished" when its work (Ray shutdown included) is done.
+MARKS: dict[str, float] = {}
 
 
 # ------------------------------------------------------------- workload
@@ -103,6 +109,7 @@ def run_plain(cfg: dict) -> dict:
     from clinical.prepared import prepare
     from federation.aggregation import FedAvg, Update
 
+    MARKS["imported"] = time.time()
     torch.set_num_threads(1)
     prepared = prepare(_spec(cfg), cache_dir=cfg["cache_dir"])
     trainers = [_trainer(cfg, i) for i in range(cfg["hospitals"])]
@@ -120,6 +127,7 @@ def run_plain(cfg: dict) -> dict:
         weights = strategy.aggregate(weights, updates, expected_round=rnd)
         auroc = _test_auroc(weights, prepared.X_test, prepared.y_test)
         round_seconds.append(time.perf_counter() - started)
+    MARKS["finished"] = time.time()
     return {"round_seconds": round_seconds, "auroc": auroc}
 
 
@@ -155,9 +163,11 @@ def run_medfed(cfg: dict) -> dict:
     """``cluster.job.run_job`` on the workload; round times from its records."""
     from cluster.job import run_job
 
+    MARKS["imported"] = time.time()
     out = str(Path(cfg["work_dir"]) / "medfed-run")
     config, switches = _medfed_config(cfg, out)
     results = run_job(config)
+    MARKS["finished"] = time.time()
 
     rounds = results.get("rounds") or []
     round_seconds = [r["seconds"] for r in rounds if r.get("seconds") is not None]
@@ -255,6 +265,7 @@ def run_flower(cfg: dict) -> dict:
 
     import round_time  # this file as a module, so workers import it by name
 
+    MARKS["imported"] = time.time()
     os.environ[CONFIG_ENV] = json.dumps(cfg)
     log: dict = {"marks": [], "auroc": None}
     server_app, client_app = round_time._flower_apps(cfg, log)
@@ -269,6 +280,7 @@ def run_flower(cfg: dict) -> dict:
     finally:
         if ray.is_initialized():
             ray.shutdown()
+    MARKS["finished"] = time.time()
 
     # evaluate_fn runs once before round 1 and once after every round.
     marks = log["marks"]
@@ -426,6 +438,7 @@ def measure(way: str, cfg: dict, timeout_s: float) -> dict:
                "--child-config", json.dumps(cfg), "--child-result", str(result_path)]
 
     with open(log_path, "wb") as log_file:
+        launched = time.time()
         started = time.perf_counter()
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                 env=env, cwd=str(REPO), start_new_session=True)
@@ -437,6 +450,7 @@ def measure(way: str, cfg: dict, timeout_s: float) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
         wall = time.perf_counter() - started
+        exited = time.time()
         sampler.stop()
     leftovers = _end_leftovers(proc.pid)
 
@@ -455,6 +469,12 @@ def measure(way: str, cfg: dict, timeout_s: float) -> dict:
         figures["error"] = f"exit status {rc}; log tail:\n" + "\n".join(tail)
         return figures
     child = json.loads(result_path.read_text())
+    marks = child.pop("marks", {})
+    if "imported" in marks and "finished" in marks:
+        # Where the wall time went: interpreter and imports, the work, exit.
+        figures["startup_seconds"] = marks["imported"] - launched
+        figures["work_seconds"] = marks["finished"] - marks["imported"]
+        figures["exit_seconds"] = exited - marks["finished"]
     rounds = child.get("round_seconds") or []
     figures.update(child)
     figures["median_round_seconds"] = statistics.median(rounds) if rounds else None
@@ -463,7 +483,8 @@ def measure(way: str, cfg: dict, timeout_s: float) -> dict:
 
 
 MEDIAN_KEYS = ("wall_seconds", "median_round_seconds", "first_round_seconds",
-               "peak_rss_bytes", "peak_pss_bytes", "peak_processes")
+               "peak_rss_bytes", "peak_pss_bytes", "peak_processes",
+               "startup_seconds", "work_seconds", "exit_seconds")
 
 
 def combine(runs: list[dict]) -> dict:
@@ -501,12 +522,14 @@ def print_table(results: dict[str, dict], cfg: dict) -> None:
     runs = max((r.get("runs", 1) for r in results.values()), default=1)
     if runs > 1:
         print(f"Each way ran {runs} times; figures are medians over the runs.")
-    header = ("way", "wall", "median round", "round 1", "peak RSS", "procs",
-              "test AUROC")
+    header = ("way", "wall", "imports", "work", "exit", "median round", "round 1",
+              "peak RSS", "procs", "test AUROC")
     rows = []
     for way, r in results.items():
         auroc = r.get("auroc")
         rows.append((way, _s(r.get("wall_seconds"), 1),
+                     _s(r.get("startup_seconds"), 1), _s(r.get("work_seconds"), 1),
+                     _s(r.get("exit_seconds"), 1),
                      _s(r.get("median_round_seconds"), 3),
                      _s(r.get("first_round_seconds"), 2),
                      _gb(r.get("peak_rss_bytes")), str(r.get("peak_processes", "-")),
@@ -515,6 +538,9 @@ def print_table(results: dict[str, dict], cfg: dict) -> None:
     for row in (header, tuple("-" * w for w in widths), *rows):
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
 
+    print("(wall = imports + work + exit: imports from process launch to the end "
+          "of the way's imports; work includes Ray start and shutdown; exit is "
+          "interpreter teardown)")
     print("\npeak RSS by process (count x kind: total):")
     for way, r in results.items():
         parts = [f"{v['processes']} x {k}: {_gb(v['rss_bytes'])}"
@@ -555,6 +581,9 @@ def summary(results: dict[str, dict]) -> dict:
         out[f"{way}_peak_rss_bytes"] = r.get("peak_rss_bytes")
         out[f"{way}_peak_processes"] = r.get("peak_processes")
         out[f"{way}_peak_pss_bytes"] = r.get("peak_pss_bytes")
+        out[f"{way}_imports_seconds"] = r.get("startup_seconds")
+        out[f"{way}_work_seconds"] = r.get("work_seconds")
+        out[f"{way}_exit_seconds"] = r.get("exit_seconds")
         out[f"{way}_auroc"] = r.get("auroc")
     medfed, flower, plain = (results.get(w, {}) for w in WAYS)
 
@@ -628,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         cfg = json.loads(args.child_config)
         result = CHILDREN[args.child](cfg)
+        result["marks"] = MARKS
         Path(args.child_result).write_text(json.dumps(result))
         return 0
 
