@@ -8,9 +8,13 @@ trains the centralised and local-only baselines, builds the results and
 writes the report. Every actor and the placement group it started are ended
 on success, on error and on Ctrl-C; a local Ray instance is shut down.
 
-Results schema (also ``metrics.json``): ``config``, ``dataset``,
-``federated``, ``centralized``, ``local`` (``mean_auroc``, ``per_hospital``),
-``rounds`` (one record per round, see ``Coordinator.run_round``),
+Results schema (also ``metrics.json``): ``config``, ``dataset`` (``name``,
+``target``, ``partition``, ``train_patients``, ``test_patients``,
+``features``, ``hospitals`` from ``clinical.Prepared``, ...), ``federated``
+and ``centralized`` (``binary_metrics`` on the test patients plus
+``weights_hash``), ``local`` (``mean_auroc``, ``per_hospital``: see
+``cluster.baselines.local_only``), ``rounds`` (one record per round, see
+``Coordinator.run_round``; restored ones included after a resume),
 ``bayes_auroc`` (synthetic data only, else None), ``failures`` (``[{"round",
 "hospital", "kind", "reason"}]``, kind ``dropped``/``rejected``/
 ``round_failed``/``baseline``) and ``runtime`` (``ray`` session summary,
@@ -102,6 +106,7 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
             [(h.name, h.trainer) for h in hospitals], checkpoint_dir, device,
         )
         state = ray.get(coordinator.state.remote())
+        _await_hospitals(hospitals, config.ping_timeout_s * 4)
         seconds["start"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -143,6 +148,28 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
             "phase_seconds": seconds,
         },
     }
+
+
+def _await_hospitals(hospitals: list, timeout_s: float) -> None:
+    """Waits until every hospital has loaded its partition, up to ``timeout_s``.
+
+    Round 1 then measures training, not actor start-up. A hospital still
+    starting after the wait is left to the rounds, which drop it until it
+    answers.
+    """
+    calls = {h.trainer.ping.remote(): h.name for h in hospitals}
+    ready, pending = ray.wait(list(calls), num_returns=len(calls), timeout=timeout_s)
+    failed = []
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            failed.append(f"{calls[ref]} ({type(exc).__name__})")
+    if pending or failed:
+        log.warning("hospitals not ready after %.0f s: %s", timeout_s,
+                    ", ".join([calls[r] for r in pending] + failed))
+    else:
+        log.info("%d hospitals ready", len(hospitals))
 
 
 def _run_rounds(config: RunConfig, coordinator, start_round: int) -> None:

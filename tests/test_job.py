@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -46,3 +47,29 @@ def test_medfed_run_refuses_a_bad_config(tmp_path, capsys):
     config.write_text("rounds = 3\nroundz = 4\n")
     assert main(["run", str(config)]) == 2
     assert "roundz" in capsys.readouterr().err
+
+
+def test_a_failing_hospital_is_reported_and_a_run_resumes(ray_local, tmp_path):
+    from actors.hospital import Fault
+    from clinical.spec import DataSpec
+    from cluster.config import RunConfig
+    from cluster.job import run_job
+
+    spec = DataSpec(dataset="synthetic", synthetic_patients=3000, hospitals=3)
+    config = RunConfig(data=spec, rounds=2, lr=1.0, quorum=2.0, out=str(tmp_path),
+                       cache_dir=str(tmp_path / "cache"), num_cpus=2)
+    first = run_job(config, faults={1: Fault("raise", rounds=(1,))})
+    assert [r["status"] for r in first["rounds"]] == ["ok", "ok"]
+    assert first["rounds"][0]["participants"] == ["hospital-00", "hospital-02"]
+    assert first["failures"] == [{
+        "round": 1, "hospital": "hospital-01", "kind": "dropped",
+        "reason": "RuntimeError: hospital-01: injected failure in round 1",
+    }]
+
+    resumed = run_job(dataclasses.replace(config, rounds=3, resume=True))
+    assert resumed["runtime"]["resumed_from"] == 2
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
+    assert resumed["rounds"][1]["weights_hash"] == first["rounds"][1]["weights_hash"]
+    assert resumed["rounds"][2]["participants"] == [
+        "hospital-00", "hospital-01", "hospital-02"]
+    assert resumed["failures"][0]["hospital"] == "hospital-01"
