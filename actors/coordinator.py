@@ -118,21 +118,14 @@ class Coordinator:
 
     # --- rounds --------------------------------------------------------
 
-    def run(self) -> list[dict]:
-        """Runs rounds until ``config.rounds`` (or a failed round with "stop")."""
-        while self.round < self.config.rounds:
-            record = self.run_round()
-            if record["status"] == "failed" and self.config.on_round_failure == "stop":
-                break
-        return self.records
-
     def run_round(self) -> dict:
         """Runs the next round and returns its record.
 
         The record: ``round``, ``status`` (``"ok"``/``"failed"``), ``failure``
-        (reason or None), ``sampled``, ``participants`` (accepted hospitals),
-        ``dropped`` and ``rejected`` (``[{"hospital", "reason"}]``),
-        ``quorum``, ``num_samples``, ``loss`` (sample-weighted mean training
+        (reason or None), ``sampled``, ``participants`` (hospitals whose
+        updates went into the global model; empty when the round failed),
+        ``accepted`` (updates that passed screening), ``dropped`` and
+        ``rejected`` (``[{"hospital", "reason"}]``), ``quorum``, ``num_samples``, ``loss`` (sample-weighted mean training
         loss of the accepted updates), ``mean_val_auroc`` (their mean local
         validation AUROC), ``auroc`` and ``test`` (scores of the global model
         on the test patients after the round), ``weights_hash``, ``late``
@@ -191,13 +184,8 @@ class Coordinator:
         return record
 
     def _sample(self, r: int) -> list[str]:
-        names = [name for name, _ in self.hospitals]
-        count = self.config.sampled_per_round()
-        if count >= len(names):
-            return names
-        rng = np.random.default_rng([self.config.seed, r])
-        chosen = rng.choice(len(names), size=count, replace=False)
-        return [names[i] for i in sorted(chosen)]
+        return sample_hospitals([name for name, _ in self.hospitals],
+                                self.config.sampled_per_round(), self.config.seed, r)
 
     def _ping(self, sampled: list[str]) -> tuple[list, list[dict]]:
         """Returns the sampled hospitals that answer, and the rest with reasons.
@@ -314,7 +302,8 @@ class Coordinator:
             "status": "failed" if failure else "ok",
             "failure": failure,
             "sampled": sampled,
-            "participants": [u.hospital for u in accepted],
+            "participants": [] if failure else [u.hospital for u in accepted],
+            "accepted": [u.hospital for u in accepted],
             "dropped": dropped,
             "rejected": rejected,
             "quorum": need,
@@ -381,6 +370,20 @@ class Coordinator:
         self.records = list(state["records"])
         self.resumed_from = self.round
         log.info("resumed from %s at round %d", path, self.round)
+
+
+def sample_hospitals(names: list[str], count: int, seed: int, round: int
+                     ) -> list[str]:
+    """Returns ``count`` of ``names`` for ``round``, in list order.
+
+    The draw depends only on ``seed`` and ``round``, so a resumed run asks
+    the same hospitals a fresh run would have.
+    """
+    if count >= len(names):
+        return list(names)
+    rng = np.random.default_rng([seed, round])
+    chosen = rng.choice(len(names), size=count, replace=False)
+    return [names[i] for i in sorted(chosen)]
 
 
 def _describe(exc: BaseException) -> str:

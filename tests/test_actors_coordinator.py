@@ -146,3 +146,15 @@ def test_resume_continues_from_the_saved_round(ray_local, data, tmp_path):
     assert [r["round"] for r in records] == [1, 2, 3]
     assert third["weights_hash"] != before[-1]["weights_hash"]
     assert np.isfinite(third["auroc"])
+
+
+def test_hospital_sample_is_seeded_per_round():
+    from actors.coordinator import sample_hospitals
+
+    names = [f"hospital-{i:02d}" for i in range(10)]
+    draws = [sample_hospitals(names, 4, seed=7, round=r) for r in range(1, 6)]
+    assert all(len(d) == 4 and len(set(d)) == 4 for d in draws)
+    assert all(d == sorted(d) and set(d) <= set(names) for d in draws)
+    assert draws[0] == sample_hospitals(names, 4, seed=7, round=1)
+    assert len({tuple(d) for d in draws}) > 1
+    assert sample_hospitals(names, 10, seed=7, round=1) == names

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from cluster.config import RunConfig, load_config, override, validate
+from cluster.config import RunConfig, from_mapping, load_config, override, validate
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class _Section:
+    epsilon: float | None = None
+    accountant: str = "prv"
+
+
+@dataclass
+class _WithSection:
+    rounds: int = 1
+    extra: _Section | None = None
 
 
 def test_example_configs_load():
@@ -110,3 +123,13 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "broken.toml")
     with pytest.raises(ValueError, match="nothing"):
         override(RunConfig(), {"nothing": 1})
+
+
+def test_a_section_added_later_loads_without_loader_changes():
+    loaded = from_mapping(_WithSection, {"rounds": 2, "extra": {"epsilon": 3}})
+    assert loaded.extra == _Section(epsilon=3.0)
+    assert from_mapping(_WithSection, {}).extra is None
+    with pytest.raises(ValueError, match=r"extra\.epsilom"):
+        from_mapping(_WithSection, {"extra": {"epsilom": 3}})
+    with pytest.raises(ValueError, match=r"extra\.accountant"):
+        from_mapping(_WithSection, {"extra": {"accountant": 3}})
