@@ -125,11 +125,12 @@ class Coordinator:
         (reason or None), ``sampled``, ``participants`` (hospitals whose
         updates went into the global model; empty when the round failed),
         ``accepted`` (updates that passed screening), ``dropped`` and
-        ``rejected`` (``[{"hospital", "reason"}]``), ``quorum``, ``num_samples``, ``loss`` (sample-weighted mean training
-        loss of the accepted updates), ``mean_val_auroc`` (their mean local
-        validation AUROC), ``auroc`` and ``test`` (scores of the global model
-        on the test patients after the round), ``weights_hash``, ``late``
-        (hospitals that timed out) and ``seconds``.
+        ``rejected`` (``[{"hospital", "reason"}]``), ``quorum``,
+        ``num_samples``, ``loss`` (sample-weighted mean training loss of the
+        accepted updates), ``mean_val_auroc`` (their mean local validation
+        AUROC), ``auroc`` and ``test`` (scores of the global model on the test
+        patients after the round), ``weights_hash``, ``late`` (hospitals that
+        timed out) and ``seconds``.
         """
         from federation.aggregation import RoundFailed, check_update
 
