@@ -245,6 +245,23 @@ def _configure_logging() -> None:
         )
 
 
+def trainer_cpus(count: int, cluster_cpus: float, reserved: float = 0.0) -> float:
+    """CPU share per hospital: ``TRAINER_CPUS``, less when many share few cores.
+
+    reserved: CPUs other actors of the job need (the coordinator). The share
+    never drops below 0.01 CPU; beyond that the cluster is too small.
+    """
+    if count < 1:
+        raise ValueError(f"need at least one hospital, got {count}")
+    share = min(TRAINER_CPUS, (cluster_cpus - reserved) / count)
+    if share < 0.01:
+        raise ValueError(
+            f"{count} hospitals do not fit on {cluster_cpus:g} CPU(s); use fewer "
+            "hospitals or more CPUs (--num-cpus, or a larger cluster)"
+        )
+    return round(share, 4)
+
+
 def reserve_bundles(
     count: int, cpus_per_bundle: float = TRAINER_CPUS, timeout_s: float = 60.0
 ) -> PlacementGroup:
@@ -266,8 +283,8 @@ def reserve_bundles(
             f"within {timeout_s:.0f} s; {free:.1f} CPU free. Use fewer hospitals "
             "or a larger cluster (--num-cpus)"
         )
-    log.info("placed %d hospital bundles (%s over %d node(s))", count, strategy,
-             len(nodes))
+    log.info("placed %d hospital bundles of %g CPU (%s over %d node(s))", count,
+             cpus_per_bundle, strategy, len(nodes))
     return group
 
 
@@ -275,7 +292,8 @@ class HospitalGroup:
     """Driver-side handle on one hospital's actors, all on one bundle.
 
     Creating a group starts its actors; ``trainer`` is the training actor's
-    handle. ``kill`` ends them for good (no restart).
+    handle. ``cpus`` is the trainer's CPU share and must fit the bundle.
+    ``kill`` ends them for good (no restart).
     """
 
     def __init__(
@@ -285,10 +303,11 @@ class HospitalGroup:
         name: str,
         group: PlacementGroup | None = None,
         fault: Fault | None = None,
+        cpus: float = TRAINER_CPUS,
     ) -> None:
         self.index = index
         self.name = name
-        options = {}
+        options: dict = {"num_cpus": cpus}
         if group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=index,

@@ -74,8 +74,8 @@ def run_job(config: RunConfig, faults: dict | None = None) -> dict:
 def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
               session: dict) -> dict:
     """Everything that needs Ray; ends every actor it starts, whatever happens."""
-    from actors.coordinator import Coordinator
-    from actors.hospital import HospitalGroup, reserve_bundles
+    from actors.coordinator import COORDINATOR_CPUS, Coordinator
+    from actors.hospital import HospitalGroup, reserve_bundles, trainer_cpus
     from clinical.prepared import prepare
     from cluster import baselines
     from cluster.runtime import cluster_has_gpu
@@ -95,9 +95,10 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
     coordinator = None
     try:
         t = time.perf_counter()
-        group = reserve_bundles(len(names), timeout_s=config.ping_timeout_s * 2)
+        cpus = trainer_cpus(len(names), session["cpus"], COORDINATOR_CPUS)
+        group = reserve_bundles(len(names), cpus, timeout_s=config.ping_timeout_s * 2)
         hospitals = [
-            HospitalGroup(config, i, name, group, faults.get(i))
+            HospitalGroup(config, i, name, group, faults.get(i), cpus)
             for i, name in enumerate(names)
         ]
         device = "cuda" if cluster_has_gpu() else "cpu"
@@ -105,7 +106,7 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
             config, prepared.X_train.shape[1], prepared.X_test, prepared.y_test,
             [(h.name, h.trainer) for h in hospitals], checkpoint_dir, device,
         )
-        state = ray.get(coordinator.state.remote())
+        state = ray.get(coordinator.state.remote(), timeout=config.ping_timeout_s * 2)
         _await_hospitals(hospitals, config.ping_timeout_s * 4)
         seconds["start"] = time.perf_counter() - t
 

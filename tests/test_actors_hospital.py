@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import ray
 
-from actors.hospital import HospitalGroup, HospitalTrainer, reserve_bundles
+from actors.hospital import (
+    HospitalGroup,
+    HospitalTrainer,
+    reserve_bundles,
+    trainer_cpus,
+)
 from clinical.prepared import load_hospital, prepare
 from clinical.spec import DataSpec
 from cluster.config import RunConfig
@@ -104,3 +109,11 @@ def test_local_only_model_beats_its_starting_point(group, config):
     after = ray.get(group.trainer.evaluate.remote(trained))
     assert after["loss"] < before["loss"]
     assert after["num_samples"] == len(own.y_val)
+
+
+def test_cpu_share_shrinks_for_many_hospitals_and_refuses_too_many():
+    assert trainer_cpus(10, 2.0, 0.1) == 0.1
+    share = trainer_cpus(25, 2.0, 0.1)
+    assert share < 0.1 and 25 * share + 0.1 <= 2.0
+    with pytest.raises(ValueError, match="500 hospitals"):
+        trainer_cpus(500, 2.0, 0.1)
