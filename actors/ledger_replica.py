@@ -354,7 +354,8 @@ class LedgerReplica:
         next_tick = loop.time() + tick_s
         while not self._stopped:
             try:
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_tick - loop.time()))
+                wait_s = max(0.0, next_tick - loop.time())
+                await asyncio.wait_for(self._wake.wait(), wait_s)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
@@ -482,7 +483,9 @@ class LedgerReplica:
         limit = self.config.max_batch_entries
         while self._queue:
             batch, count = [], 0
-            while self._queue and (not batch or count + len(self._queue[0][1]) <= limit):
+            while self._queue and (
+                not batch or count + len(self._queue[0][1]) <= limit
+            ):
                 key, entries = self._queue.pop(0)
                 batch.append((key, entries))
                 count += len(entries)
@@ -503,6 +506,7 @@ class LedgerReplica:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
+                future.exception()  # mark retrieved: callers may have gone
         self._pending.clear()
         self._queue.clear()
 
@@ -576,6 +580,26 @@ class LedgerReplica:
         Raises NotLeader(leader_hint) off the leader, TimeoutError after
         `config.submit_timeout_s` seconds (retry with the same key).
         """
+        waiting = self._enqueue(entries, key)
+        if isinstance(waiting, dict):
+            return waiting
+        return (await self._wait([waiting]))[0]
+
+    async def submit_many(self, submissions: list[tuple[list[bytes], str]]) -> list:
+        """submit_many is `submit` for several (entries, key) pairs in one call.
+
+        Returns their results in order; the pairs may share Raft entries with
+        each other and with other callers' submissions. All or nothing as far
+        as the answer goes: any NotLeader or timeout raises for the whole call
+        (retry every pair with its key; those that landed return their result).
+        """
+        waiting = [self._enqueue(entries, key) for entries, key in submissions]
+        futures = [w for w in waiting if not isinstance(w, dict)]
+        done = iter(await self._wait(futures)) if futures else iter(())
+        return [w if isinstance(w, dict) else next(done) for w in waiting]
+
+    def _enqueue(self, entries: list[bytes], key: str | None):
+        """The stored result of `key`, or a future for it (queued when new)."""
         if not entries:
             raise ValueError("submit needs at least one entry, got an empty list")
         if len(entries) > self.config.max_batch_entries:
@@ -598,14 +622,18 @@ class LedgerReplica:
             self._pending[key] = future
             self._queue.append((key, [bytes(raw) for raw in entries]))
             self._wake.set()
+        return future
+
+    async def _wait(self, futures: list[asyncio.Future]) -> list[dict]:
         try:
             return await asyncio.wait_for(
-                asyncio.shield(future), self.config.submit_timeout_s
+                asyncio.gather(*(asyncio.shield(f) for f in futures)),
+                self.config.submit_timeout_s,
             )
         except asyncio.TimeoutError:
             raise TimeoutError(
-                f"replica {self.index}: key {key[:16]} not applied within "
-                f"{self.config.submit_timeout_s} s; retry with the same key"
+                f"replica {self.index}: {len(futures)} submission(s) not applied "
+                f"within {self.config.submit_timeout_s} s; retry with the same keys"
             ) from None
 
     def _leader_index(self) -> int | None:

@@ -10,7 +10,7 @@ import time
 import pytest
 import ray
 
-from actors.ledger_replica import NotLeader
+from actors.ledger_replica import NotLeader, ReplicaConfig
 from cluster.cli import main as medfed
 from cluster.ledger_service import start_ledger
 from ledger import entries as E
@@ -228,3 +228,46 @@ def test_rejections_recorded_and_chain_verified(service, tmp_path, capsys):
     path.write_bytes(bytes(data))
     assert medfed(["ledger", "verify", "--dir", str(replica)]) == 1
     assert "FAILED at block 2" in capsys.readouterr().out
+
+
+def test_keys_survive_restart_and_snapshot_catch_up(ray_local, tmp_path):
+    config = ReplicaConfig(compact_every=4)
+    svc = start_ledger(tmp_path / "ledger", replicas=3, hospitals=3, config=config)
+    try:
+        finish_round_zero(svc)
+        early = {f"early-{k}": svc.client.submit([audit(svc, f"e{k}")],
+                                                 key=f"early-{k}") for k in range(3)}
+        leader = svc.client.wait_for_leader()
+        lagging = (leader + 1) % 3
+        wait_converged(svc)
+
+        # While one replica is down the others compact past what it holds, so
+        # it can only catch up through a snapshot carrying the key table.
+        svc.kill_replica(lagging, restart=False)
+        late = {f"late-{k}": svc.client.submit([audit(svc, f"l{k}")],
+                                               key=f"late-{k}") for k in range(12)}
+        first = ray.get(svc.replicas[leader].committed_log.remote(1))
+        assert first["snapshot"] is not None, "the leader never compacted"
+        svc.start_replica(lagging)
+        svc.client.submit([audit(svc, "after")], key="after")
+        wait_converged(svc)
+        assert (svc.replica_dir(lagging) / "raft" / "snapshot.dat").exists()
+        # Restored from the leader's snapshot: blocks before it were not copied.
+        early_id = early["early-0"]["outcomes"][0]["entry_id"]
+        assert early_id not in chain_ids(svc, lagging)
+        assert early_id in chain_ids(svc, leader)
+
+        # Every replica, the restarted one included, answers old keys with
+        # the original results instead of applying them again.
+        svc.kill_replica(leader, restart=True)
+        svc.client.wait_for_leader()
+        wait_converged(svc)
+        for key, result in {**early, **late}.items():
+            for index in (lagging, leader):
+                answer = ray.get(svc.replicas[index].submit.remote([b"x"], key))
+                assert answer == result, (index, key)
+        height = svc.client.head()["height"]
+        assert svc.client.submit([audit(svc, "e0")], key="early-0") == early["early-0"]
+        assert svc.client.head()["height"] == height
+    finally:
+        svc.stop()
