@@ -124,8 +124,13 @@ class HospitalTrainer:
         )
 
     def ping(self) -> dict:
-        """Liveness: ``{"hospital", "pid", "incarnation"}`` (changes on restart)."""
+        """Liveness: ``{"hospital", "node", "pid", "incarnation"}``.
+
+        node: the Ray node id this hospital runs on; incarnation changes
+        when Ray restarts the actor.
+        """
         return {"hospital": self.name, "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id(),
                 "incarnation": self._incarnation}
 
     def fit(

@@ -18,7 +18,8 @@ and ``centralized`` (``binary_metrics`` on the test patients plus
 ``bayes_auroc`` (synthetic data only, else None), ``failures`` (``[{"round",
 "hospital", "kind", "reason"}]``, kind ``dropped``/``rejected``/
 ``round_failed``/``baseline``) and ``runtime`` (``ray`` session summary,
-``seconds`` per phase and in total, ``device`` of aggregation). Non-finite
+``hospital_nodes`` (Ray node id prefix per hospital), ``phase_seconds``, total
+``seconds``, ``device`` of aggregation, ``resumed_from``). Non-finite
 numbers become ``None`` so the file is strict JSON.
 """
 
@@ -107,7 +108,7 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
             [(h.name, h.trainer) for h in hospitals], checkpoint_dir, device,
         )
         state = ray.get(coordinator.state.remote(), timeout=config.ping_timeout_s * 2)
-        _await_hospitals(hospitals, config.ping_timeout_s * 4)
+        hospital_nodes = _await_hospitals(hospitals, config.ping_timeout_s * 4)
         seconds["start"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -144,6 +145,7 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
         "runtime": {
             "ray": {k: session.get(k) for k in
                     ("address", "local", "nodes", "node_addresses", "cpus", "gpus")},
+            "hospital_nodes": hospital_nodes,
             "device": state["device"],
             "resumed_from": state["resumed_from"],
             "phase_seconds": seconds,
@@ -151,26 +153,29 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
     }
 
 
-def _await_hospitals(hospitals: list, timeout_s: float) -> None:
+def _await_hospitals(hospitals: list, timeout_s: float) -> dict[str, str]:
     """Waits until every hospital has loaded its partition, up to ``timeout_s``.
 
     Round 1 then measures training, not actor start-up. A hospital still
     starting after the wait is left to the rounds, which drop it until it
-    answers.
+    answers. Returns ``{hospital: Ray node id prefix}`` for those that answered.
     """
     calls = {h.trainer.ping.remote(): h.name for h in hospitals}
     ready, pending = ray.wait(list(calls), num_returns=len(calls), timeout=timeout_s)
-    failed = []
+    failed, nodes = [], {}
     for ref in ready:
         try:
-            ray.get(ref)
+            # A 12-hex prefix tells nodes apart and keeps the report readable.
+            nodes[calls[ref]] = ray.get(ref)["node"][:12]
         except ray.exceptions.RayError as exc:
             failed.append(f"{calls[ref]} ({type(exc).__name__})")
     if pending or failed:
         log.warning("hospitals not ready after %.0f s: %s", timeout_s,
                     ", ".join([calls[r] for r in pending] + failed))
     else:
-        log.info("%d hospitals ready", len(hospitals))
+        log.info("%d hospitals ready on %d node(s)", len(hospitals),
+                 len(set(nodes.values())))
+    return nodes
 
 
 def _run_rounds(config: RunConfig, coordinator, start_round: int) -> None:

@@ -31,6 +31,8 @@ def test_medfed_run_writes_metrics_report_and_plots(ray_local, tmp_path, capsys)
     assert results["config"]["data"]["seed"] == 3
     assert len(results["local"]["per_hospital"]) == 3
     assert results["runtime"]["ray"]["node_addresses"] == ["127.0.0.1"]
+    assert sorted(results["runtime"]["hospital_nodes"]) == [
+        "hospital-00", "hospital-01", "hospital-02"]
     for key in ("federated", "centralized"):
         assert 0.5 < results[key]["auroc"] <= 1.0
     assert 0.5 < results["bayes_auroc"] <= 1.0
