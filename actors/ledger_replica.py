@@ -233,6 +233,9 @@ class LedgerReplica:
         self._peers: dict[int, Any] = {}
         self._peer_lookup_at: dict[int, float] = {}
         self._wake = asyncio.Event()
+        # Held while the ledger changes in a worker thread, so reads that walk
+        # the state (head, query) never see it half-updated.
+        self._ledger_lock = asyncio.Lock()
         self._last_role = self.node.role
         self._last_compacted = self.storage.first_index() - 1
         self._stopped = False
@@ -388,7 +391,8 @@ class LedgerReplica:
         self._send(rd.messages)
         finished = []
         if rd.snapshot is not None or rd.committed_entries:
-            finished = await asyncio.to_thread(self._apply, rd)
+            async with self._ledger_lock:
+                finished = await asyncio.to_thread(self._apply, rd)
         self.node.advance(rd)
         for key, result in finished:
             future = self._pending.pop(key, None)
@@ -517,9 +521,10 @@ class LedgerReplica:
             return
         if applied != self._keys_applied or applied != self.node.log.applied:
             return
-        data = await asyncio.to_thread(
-            lambda: encode_snapshot(self.ledger.snapshot(), self.results)
-        )
+        async with self._ledger_lock:
+            data = await asyncio.to_thread(
+                lambda: encode_snapshot(self.ledger.snapshot(), self.results)
+            )
         snap = self.node.compact(applied, data)
         await asyncio.to_thread(self.storage.apply_snapshot, snap)
         self._last_compacted = applied
@@ -655,10 +660,11 @@ class LedgerReplica:
 
     async def head(self) -> dict:
         """The chain head: height, hash, Raft index and ledger state hash."""
-        return {"replica": self.index, "height": self.ledger.height,
-                "hash": self.ledger.head_hash,
-                "raft_index": self.ledger.applied_raft_index,
-                "state_hash": self.ledger.state.state_hash()}
+        async with self._ledger_lock:
+            return {"replica": self.index, "height": self.ledger.height,
+                    "hash": self.ledger.head_hash,
+                    "raft_index": self.ledger.applied_raft_index,
+                    "state_hash": self.ledger.state.state_hash()}
 
     async def query(
         self, round: int | None = None, member: str | None = None,
@@ -668,9 +674,10 @@ class LedgerReplica:
 
         Entries before a snapshot anchor are not held (see ``Ledger.restore``).
         """
-        records = self.ledger.records(round=round, member=member, type=type,
-                                      accepted=accepted)
-        return [asdict(record) for record in records]
+        async with self._ledger_lock:
+            records = self.ledger.records(round=round, member=member, type=type,
+                                          accepted=accepted)
+            return [asdict(record) for record in records]
 
     async def blocks_path(self) -> str:
         """This replica's directory (holds ``blocks.log``; for ``ledger verify``)."""
