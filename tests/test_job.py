@@ -75,3 +75,28 @@ def test_a_failing_hospital_is_reported_and_a_run_resumes(ray_local, tmp_path):
     assert resumed["rounds"][2]["participants"] == [
         "hospital-00", "hospital-01", "hospital-02"]
     assert resumed["failures"][0]["hospital"] == "hospital-01"
+
+
+@pytest.mark.parametrize("policy, rounds_run", [("stop", 2), ("continue", 4)])
+def test_a_failed_round_stops_or_continues_per_config(ray_local, policy, rounds_run):
+    import ray
+
+    from cluster.config import RunConfig
+    from cluster.job import _run_rounds
+
+    calls = []
+
+    def run_round():
+        calls.append(len(calls) + 1)
+        failed = calls[-1] == 2
+        return ray.put({
+            "round": calls[-1], "status": "failed" if failed else "ok",
+            "failure": "all 3 update(s) rejected" if failed else None,
+            "test": {"auroc": 0.6}, "participants": [], "dropped": [],
+            "rejected": [], "seconds": 0.0,
+        })
+
+    coordinator = type("FakeCoordinator", (), {})()
+    coordinator.run_round = type("Method", (), {"remote": staticmethod(run_round)})()
+    _run_rounds(RunConfig(rounds=4, on_round_failure=policy), coordinator, 0)
+    assert len(calls) == rounds_run
