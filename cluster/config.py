@@ -194,6 +194,10 @@ def _build(cls: type, mapping: Any, prefix: str, where: str) -> Any:
         nested = _dataclass_in(hints[key])
         if nested is not None and isinstance(value, dict):
             kwargs[key] = _build(nested, value, f"{dotted}.", where)
+        elif nested is not None and value is not None:
+            raise ValueError(
+                f"{where}: {dotted} must be a table of settings, got {value!r}"
+            )
         else:
             kwargs[key] = _coerce(value, hints[key], dotted, where)
     return cls(**kwargs)

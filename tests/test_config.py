@@ -131,5 +131,7 @@ def test_a_section_added_later_loads_without_loader_changes():
     assert from_mapping(_WithSection, {}).extra is None
     with pytest.raises(ValueError, match=r"extra\.epsilom"):
         from_mapping(_WithSection, {"extra": {"epsilom": 3}})
+    with pytest.raises(ValueError, match="extra must be a table"):
+        from_mapping(_WithSection, {"extra": "on"})
     with pytest.raises(ValueError, match=r"extra\.accountant"):
         from_mapping(_WithSection, {"extra": {"accountant": 3}})
