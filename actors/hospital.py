@@ -144,8 +144,8 @@ class HospitalTrainer:
 
         round: the round this update is for (echoed back, checked by the
             coordinator). epochs: local passes (``None``: the run's
-            ``local_epochs``). config: per-round settings; ``"lr"`` and
-            ``"proximal_mu"`` are honoured.
+            ``local_epochs``). config: settings for this round only;
+            ``"lr"`` and ``"proximal_mu"`` are honoured.
         The update's metrics hold the trainer's (``loss``, ``steps``, ...) plus
         ``val_auroc`` and ``val_loss`` of the local model on this hospital's
         validation patients.
@@ -153,13 +153,23 @@ class HospitalTrainer:
         from federation.aggregation import Update
 
         self._inject_before(round)
+
+        # Per-round settings apply to this round only.
+        saved = {}
         for key in ("lr", "proximal_mu"):
             if config and key in config:
+                saved[key] = getattr(self._trainer, key)
                 setattr(self._trainer, key, float(config[key]))
 
         # A copy: the broadcast array from the object store is read-only.
         global_weights = np.array(global_weights, dtype=np.float32)
-        result = self._trainer.fit(global_weights, epochs or self._config.local_epochs)
+        try:
+            result = self._trainer.fit(
+                global_weights, epochs or self._config.local_epochs
+            )
+        finally:
+            for key, value in saved.items():
+                setattr(self._trainer, key, value)
         metrics = dict(result.metrics)
         local = self._validate(global_weights + result.delta)
         metrics["val_auroc"] = local["auroc"]
@@ -169,10 +179,13 @@ class HospitalTrainer:
             hospital=self.name, round=round, delta=result.delta,
             num_samples=int(result.num_samples), metrics=metrics,
         )
-        return self._postprocess(update)
+        return self._inject_after(self._postprocess(update))
 
     def _postprocess(self, update):
         """The one step between training and sending (masking goes here)."""
+        return update
+
+    def _inject_after(self, update):
         fault = self._fault
         if fault is not None and fault.applies(update.round):
             if fault.kind == "nan":

@@ -117,3 +117,13 @@ def test_cpu_share_shrinks_for_many_hospitals_and_refuses_too_many():
     assert share < 0.1 and 25 * share + 0.1 <= 2.0
     with pytest.raises(ValueError, match="500 hospitals"):
         trainer_cpus(500, 2.0, 0.1)
+
+
+def test_per_round_settings_apply_to_that_round_only(group, config):
+    own = load_hospital(config.data, 0, cache_dir=config.cache_dir)
+    initial = get_weights(
+        build_model(config.model, own.X_train.shape[1], config.hidden, 0)
+    )
+    tiny = ray.get(group.trainer.fit.remote(1, initial, 1, {"lr": 1e-6}))
+    normal = ray.get(group.trainer.fit.remote(2, initial, 1))
+    assert np.abs(tiny.delta).sum() * 1000 < np.abs(normal.delta).sum()
