@@ -10,8 +10,9 @@ key, so a submission that did land is never applied twice (the replicas
 return the original result). `submit` blocks; `submit_async` is for asyncio
 code, where concurrent submissions share actor calls (`submit_many`).
 
-Safe to share between threads: the only shared state is the cached leader
-index, and a stale value only costs one extra retry.
+`submit` may be called from several threads at once: the shared state is
+the cached leader index (a stale value costs one retry) and counters.
+`submit_async` coalesces per event loop; each loop gets its own coalescer.
 """
 
 from __future__ import annotations

@@ -17,7 +17,10 @@ Raft's order:
 Steps 1 and 3 run in a worker thread, so calls keep arriving (and queueing
 for the next batch) while the disk syncs: this is the group commit. On the
 leader, all submissions that arrive while one Ready is being handled (at
-most ``max_batch_entries`` entries) become one Raft entry and one block.
+most ``max_batch_entries`` entries) become one Raft entry and one block. A
+steady-state Ready costs two fsyncs however many entries it carries: one for
+the Raft log (step 1) and one for the block (step 3); the hard-state file is
+rewritten (two more) only when term or vote change.
 
 Idempotency: every submission carries a key. The Raft entry holds the keys
 with their entries (``encode_submissions``), and each replica keeps a table
@@ -34,9 +37,10 @@ constructor again on restart. The commit index is written with the hard
 state only when term or vote change (Raft allows a lagging commit: a
 restarted replica re-learns it); at start it is raised to the ledger's
 applied index, which only ever holds committed entries. A torn log tail is
-cut by the storage at open and reported in the log; a hard-state commit
-beyond the repaired log is lowered to the log's end, and the leader sends
-the lost entries again.
+cut by the storage at open and reported in the log; the replica then
+copies the committed entries it may have lost from a peer (`committed_log`)
+before starting Raft, because a leader never re-sends entries a follower
+once acknowledged. A hard-state commit beyond the log is lowered to its end.
 
 Messages travel as actor calls (``step``); Raft tolerates their loss,
 duplication and reordering, and a dead peer's call error is logged at debug
