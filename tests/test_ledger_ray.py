@@ -240,6 +240,8 @@ def test_rejections_recorded_and_chain_verified(service, tmp_path, capsys):
     capsys.readouterr()
     assert medfed(["ledger", "verify", "--dir", str(replica)]) == 0
     assert "ok" in capsys.readouterr().out
+    assert medfed(["ledger", "verify", "--dir", str(svc.dir)]) == 0
+    assert "3 replicas agree" in capsys.readouterr().out
 
     path = replica / BLOCKS_FILE
     with RecordLog(path, repair=False) as records:
