@@ -223,6 +223,9 @@ class HospitalAgent:
         self._holder: CKKSKeyHolder | None = None
         self._ckks_clients: dict[bytes, CKKSClient] = {}
         self._noise = noise
+        if noise is not None:
+            # Imported here, not inside a timed stage: opacus takes seconds.
+            import federation.distributed_dp  # noqa: F401
         self._fault = fault
         self._client: MaskingClient | None = None
         self._round: int | None = None
@@ -338,11 +341,12 @@ class HospitalAgent:
     ) -> np.ndarray:
         """Clips (if configured) and, for Gaussian noise, adds the share so
         that weight * result = weight * update + noise."""
-        from federation.distributed_dp import clip_l2, sample_gaussian
-
         noise = self._noise
         if noise is None:
             return values
+
+        from federation.distributed_dp import clip_l2, sample_gaussian
+
         if noise.clip_norm is not None:
             values, factor = clip_l2(values, noise.clip_norm)
             if factor < 1.0:

@@ -10,6 +10,7 @@ import tenseal as ts
 
 from actors.hospital_agent import AgentFault, HospitalAgent, NoiseConfig
 from actors.secure_round import ckks_round, masked_round
+from federation.distributed_dp import clip_l2
 from federation.secagg import AggregationAborted, MaskedInput, MaskingConfig
 
 N = 5
@@ -277,6 +278,22 @@ def test_ckks_over_agents_equals_plain_sum_and_coordinator_has_no_secret(agents)
 
 
 @pytest.mark.usefixtures("clear_faults")
+def test_ckks_hospital_failing_to_encrypt_is_left_out_of_the_sum(agents):
+    values, weights = updates(10)
+    agents[NAMES[2]].inject_fault.remote(AgentFault("ckks_encrypt", "raise"))
+
+    total, weight, report = ckks_round(
+        agents, KEY_HOLDER, {n: (values[n], weights[n]) for n in NAMES}, 10, 60.0
+    )
+
+    members = [n for n in NAMES if n != NAMES[2]]
+    plain = plain_sum(values, weights, members)
+    assert weight == sum(weights[n] for n in members)
+    assert np.abs(total - plain).max() <= 1e-3 * np.abs(plain).max()
+    assert report["dropped"] == {NAMES[2]: "encrypt"}
+
+
+@pytest.mark.usefixtures("clear_faults")
 def test_ckks_without_the_key_holder_aborts(agents):
     values, weights = updates(9)
     agents[KEY_HOLDER].inject_fault.remote(AgentFault("ckks_decrypt_sum", "raise"))
@@ -289,7 +306,8 @@ def test_ckks_without_the_key_holder_aborts(agents):
 @pytest.mark.parametrize("kind", ["discrete", "gaussian"])
 def test_distributed_noise_matches_the_configured_total_sigma(ray_local, kind):
     sigma_total = 2.0
-    noise = NoiseConfig(kind, sigma_total, n_expected=N, seed=11)
+    # Updates have L2 norm about 18: the bound of 10 clips every one.
+    noise = NoiseConfig(kind, sigma_total, n_expected=N, clip_norm=10.0, seed=11)
     noisy = make_agents(noise)
     config = MaskingConfig(n=N)
     rng = np.random.default_rng(12)
@@ -307,7 +325,8 @@ def test_distributed_noise_matches_the_configured_total_sigma(ray_local, kind):
             ray.kill(agent)
 
     members = NAMES[:4]
-    deviation = total.astype(np.float64) - plain_sum(values, weights, members)
+    clipped = {n: clip_l2(values[n], 10.0)[0] for n in members}
+    deviation = total.astype(np.float64) - plain_sum(clipped, weights, members)
     expected = sigma_total * np.sqrt(len(members) / N)
     assert report["dropped"] == {NAMES[4]: "masked_input"}
     # Sample standard deviation of 1000 draws is within 10% with margin.
