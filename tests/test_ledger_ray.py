@@ -294,3 +294,18 @@ def test_keys_survive_restart_and_snapshot_catch_up(ray_local, tmp_path):
         assert svc.client.head()["height"] == height
     finally:
         svc.stop()
+
+
+def test_named_hospitals_get_keys_and_a_genesis(tmp_path):
+    from cluster.ledger_service import _ensure_genesis
+    from ledger.genesis import load_consortium
+
+    genesis = _ensure_genesis(tmp_path, 3, ["st-marys", "general"], "trial")
+    consortium = load_consortium(tmp_path)
+    assert consortium.hospitals == ["st-marys", "general"]
+    assert set(consortium.signers) >= {"st-marys", "general", "coordinator"}
+    assert genesis.voters == ["replica-0", "replica-1", "replica-2"]
+    # An existing genesis is reused, never replaced; a size mismatch is refused.
+    assert _ensure_genesis(tmp_path, 3, 5, "other").hash() == genesis.hash()
+    with pytest.raises(ValueError, match="names 3 replicas"):
+        _ensure_genesis(tmp_path, 5, 5, "trial")
