@@ -56,6 +56,9 @@ def ray_session(
     if started_local:
         _pin_to_loopback()
         kwargs = dict(
+            # "local" always starts a new instance; without it ray.init
+            # attaches to any instance that `ray start` left on this machine.
+            address="local",
             num_cpus=_local_cpus(num_cpus),
             include_dashboard=False,
             _node_ip_address=LOOPBACK,
