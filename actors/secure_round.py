@@ -17,7 +17,7 @@ Both return (summed weighted delta as float32, total weight as int, report)
 for ``strategy.apply(global_weights, summed, total_weight)``. The report
 holds, per stage, ``seconds`` (wall time at the coordinator), ``bytes_in``
 and ``bytes_out`` (message payloads received from and sent to agents) and
-``dropped`` (hospital names), plus ``dropped`` as {name: stage} and
+``dropped`` (hospital names), plus ``dropped_at`` as {name: stage} and
 ``errors`` as {name: "stage: reason"}.
 
 Inputs: per hospital, (source, weight). source is an ``ObjectRef`` (passed
@@ -158,7 +158,7 @@ class _Stages:
         return results
 
     def report(self) -> dict:
-        return {"stages": self.stages, "dropped": dict(self.dropped),
+        return {"stages": self.stages, "dropped_at": dict(self.dropped),
                 "errors": dict(self.errors)}
 
 
@@ -203,11 +203,15 @@ def masked_round(
     observer: see ``Observer``.
 
     Returns (sum of weight * update over the survivors as float32, their
-    total weight, report). The report is the server's (``survivors``,
-    ``dropped``, ``silent`` as ids, ``bytes_in``, ``unmask_seconds``, ...)
-    with ``survivor_names``, ``stages``, ``dropped`` ({name: stage}),
-    ``errors``, ``seconds`` and ``quantised_sum`` removed (ids are names via
-    ``ids``). Raises ``AggregationAborted`` when the sum cannot be recovered.
+    total weight, report). The report is ``MaskingServer.aggregate``'s
+    (``survivors``, ``dropped``, ``silent`` as ids, ``bytes_in``,
+    ``bytes_out``, ``sum_seconds``, ``unmask_seconds``, ``clipped``, ...)
+    plus ``ids`` ({name: id}), ``survivor_names``, ``stages``,
+    ``dropped_at`` ({name: stage}), ``errors`` and ``seconds`` (the whole
+    round). Survivors are the hospitals whose masked input is in the sum;
+    for distributed-DP accounting, ``len(survivors)`` hospitals' noise
+    shares are in it. Raises ``AggregationAborted`` (details include the
+    stage record) when the sum cannot be recovered; nothing is returned.
     """
     if config.n != len(agents):
         raise ValueError(
@@ -353,7 +357,7 @@ def ckks_round(
         (fetch once per run; it is about a megabyte); None asks for it.
 
     Returns (sum of weight * update as float32, total weight rounded to an
-    int, report with ``stages``, ``dropped``, ``errors``, ``contributors``
+    int, report with ``stages``, ``dropped_at``, ``errors``, ``contributors``
     (names), ``total_weight_decrypted`` (the approximate CKKS value),
     ``ciphertexts_per_hospital`` and ``seconds``). The aggregator here
     refuses a context that holds a secret key.
