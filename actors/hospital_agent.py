@@ -37,9 +37,10 @@ exists to test dropout handling and is never set by a real run.
 Known shortcomings: the agent imports ``federation.secagg`` (whose package
 import loads torch through ``federation.secagg.modsum``) and
 ``federation.distributed_dp`` (opacus, hence torch), so an agent process
-pays torch's import memory although it never uses torch. An agent that Ray
-restarted has lost its round state and identity key (unless one was passed
-in), so it counts as dropped for the round in progress.
+pays torch's import memory although it never uses torch. The agent is not
+restarted (``max_restarts=0``): a replacement has lost the round state, the
+identity key (unless one was passed in) and, on the key holder, the CKKS
+secret key, so hospitals must re-encrypt under the new public context.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from federation.secagg.ckks import (
     CKKSClient,
@@ -137,6 +140,20 @@ class NoiseConfig:
         return self.sigma_total / math.sqrt(self.n_expected)
 
 
+def noise_from_config(config) -> NoiseConfig | None:
+    """The noise share of a ``cluster.config.RunConfig``'s ``secure_agg``.
+
+    ``n_expected`` is the hospitals sampled per round; None without noise.
+    """
+    sa = config.secure_agg
+    if sa.noise == "none":
+        return None
+    return NoiseConfig(
+        kind=sa.noise, sigma_total=float(sa.noise_sigma),
+        n_expected=config.sampled_per_round(), clip_norm=sa.noise_clip_norm,
+    )
+
+
 @dataclass(frozen=True)
 class AgentFault:
     """Test-only: a failure the agent injects when a stage begins.
@@ -198,14 +215,6 @@ class HospitalAgent:
         noise: NoiseConfig | None = None,
         fault: AgentFault | None = None,
     ) -> None:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-            Ed25519PrivateKey,
-        )
-        from cryptography.hazmat.primitives.serialization import (
-            Encoding,
-            PublicFormat,
-        )
-
         _configure_logging()
         self.hospital_id = int(hospital_id)
         self.name = name
@@ -275,15 +284,23 @@ class HospitalAgent:
         global_weights,
         epochs: int | None = None,
         config: dict | None = None,
+        dim: int | None = None,
     ) -> dict:
         """Calls the trainer's ``fit`` and keeps the update inside this actor.
 
         global_weights: an array, or a one-element list holding an
             ``ObjectRef`` (a list keeps Ray from resolving it here; the
             trainer resolves it instead, so the weights are fetched once).
+        dim: the global model's length; when given, the update is screened
+            here (``federation.aggregation.check_update``: shape, finite
+            values, sample count, round), since under secure aggregation no
+            one else can.
         Returns ``{"hospital", "round", "num_samples", "metrics"}``, never the
         delta; ``masked_input`` / ``ckks_encrypt`` with ``source=None`` use
-        the kept update of their round.
+        the kept update of their round. When the trainer declines the round
+        the answer is ``{"hospital", "round", "declined": reason,
+        "privacy"}``; when screening fails, ``{"hospital", "round",
+        "rejected": reason, "metrics"}``, and nothing is kept.
         """
         self._inject("train", round)
         if self._trainer is None:
@@ -297,6 +314,22 @@ class HospitalAgent:
         update = ray.get(
             self._trainer.fit.remote(round, global_weights, epochs, config)
         )
+        self._held = {}
+        if not hasattr(update, "delta"):
+            # The trainer declined the round (e.g. its privacy budget is spent).
+            return {"hospital": self.name, "round": round,
+                    "declined": getattr(update, "reason", str(update)),
+                    "privacy": getattr(update, "privacy", None)}
+        if dim is not None:
+            from federation.aggregation import check_update
+
+            # The coordinator never sees this update, so it is screened here.
+            reason = check_update(update, dim, expected_round=round)
+            if reason is not None:
+                log.warning("%s: round %d update fails screening, not sent: %s",
+                            self.name, round, reason)
+                return {"hospital": self.name, "round": round,
+                        "rejected": reason, "metrics": dict(update.metrics)}
         delta = np.asarray(update.delta, dtype=np.float32)
         self._held = {round: (delta, int(update.num_samples))}
         log.info("%s: round %d update of %d samples kept for masking", self.name,

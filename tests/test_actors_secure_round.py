@@ -204,6 +204,27 @@ def test_dropouts_within_threshold_give_the_survivors_sum(agents, stage, dropped
     assert "injected failure" in report["errors"][dropped[0]]
 
 
+def test_agent_process_exiting_mid_round_is_dropped(agents):
+    config = MaskingConfig(n=N)
+    values, weights = updates(11)
+    victim = NAMES[1]
+    agents[victim].inject_fault.remote(AgentFault("share_keys", "exit"))
+
+    try:
+        total, _, report = masked_round(
+            agents, {n: (values[n], weights[n]) for n in NAMES}, config, 11,
+            TIMEOUT,
+        )
+    finally:
+        agents[victim] = HospitalAgent.remote(1, victim)
+
+    members = [n for n in NAMES if n != victim]
+    plain = plain_sum(values, weights, members)
+    assert report["dropped_at"] == {victim: "share_keys"}
+    assert "died" in report["errors"][victim]
+    assert np.abs(total - plain).max() <= bound(config, weights, members, plain)
+
+
 @pytest.mark.usefixtures("clear_faults")
 def test_stalled_agent_is_dropped_at_the_stage_time_limit(agents):
     config = MaskingConfig(n=N)
