@@ -66,7 +66,7 @@ def test_thousand_seeds_find_no_violation():
 
 
 def test_planted_vote_bug_is_found_and_replays():
-    summary = run_seeds(300, bug=BUG, workers=2)
+    summary = run_seeds(200, bug=BUG, workers=2)
     assert summary["violations"] > 0
     seed = summary["first_failing_seed"]
     nodes = 3 if seed % 2 == 0 else 5

@@ -201,7 +201,9 @@ class RaftNode:
         if any(v <= 0 for v in voters):
             raise ValueError(f"voter ids must be positive ints, got {voters}")
         if _bug is not None and _bug not in KNOWN_BUGS:
-            raise ValueError(f"unknown planted bug {_bug!r}; known: {sorted(KNOWN_BUGS)}")
+            raise ValueError(
+                f"unknown planted bug {_bug!r}; known: {sorted(KNOWN_BUGS)}"
+            )
 
         self.id = node_id
         self.voters = voters
@@ -271,7 +273,15 @@ class RaftNode:
         node.term = term
         node.vote = vote
         node.log.committed = max(commit, base)
+        if applied is not None and applied > node.log.last_index():
+            raise ValueError(
+                f"applied index {applied} is beyond the persisted log's last index "
+                f"{node.log.last_index()}"
+            )
         node.log.applied = base if applied is None else max(base, applied)
+        # What the application applied was committed, even if the persisted
+        # commit index lagged behind it.
+        node.log.committed = max(node.log.committed, node.log.applied)
         node.log.unstable_from = node.log.last_index() + 1
         node._persisted_hs = (term, vote, node.log.committed)
         return node
@@ -307,7 +317,8 @@ class RaftNode:
             raise NotLeader(self.id, self.lead)
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"proposal data must be bytes, got {type(data).__name__}")
-        entry = Entry(self.log.last_index() + 1, self.term, EntryType.NORMAL, bytes(data))
+        index = self.log.last_index() + 1
+        entry = Entry(index, self.term, EntryType.NORMAL, bytes(data))
         self.log.append((entry,))
         for peer in self.peers:
             pr = self.progress[peer]
@@ -345,7 +356,9 @@ class RaftNode:
                 # A stale leader learns our term from this and steps down.
                 self._send(Message(APP_RESP, self.id, m.src, self.term))
             elif t is PRE_VOTE:
-                self._send(Message(PRE_VOTE_RESP, self.id, m.src, self.term, reject=True))
+                self._send(
+                    Message(PRE_VOTE_RESP, self.id, m.src, self.term, reject=True)
+                )
             return
 
         if t is VOTE or t is PRE_VOTE:
@@ -423,7 +436,9 @@ class RaftNode:
 
         entries = lg.slice(lg.unstable_from, lg.last_index())
         apply_from = self._apply_from()
-        committed = lg.slice(apply_from, lg.committed) if lg.committed >= apply_from else ()
+        committed = ()
+        if lg.committed >= apply_from:
+            committed = lg.slice(apply_from, lg.committed)
         rd = Ready(
             hard_state=hard_state,
             entries=entries,
@@ -535,7 +550,10 @@ class RaftNode:
         # The no-op lets this term commit, and with it every earlier entry.
         self.log.append((Entry(last + 1, self.term, EntryType.NOOP, b""),))
         log.info(
-            "node %d elected leader at term %d (last index %d)", self.id, self.term, last
+            "node %d elected leader at term %d (last index %d)",
+            self.id,
+            self.term,
+            last,
         )
         for peer in self.peers:
             self._send_append(peer)
@@ -598,7 +616,9 @@ class RaftNode:
 
     def _handle_heartbeat(self, m: Message) -> None:
         self.log.commit_to(min(m.commit, self.verified))
-        self._send(Message(HEARTBEAT_RESP, self.id, m.src, self.term, index=self.verified))
+        self._send(
+            Message(HEARTBEAT_RESP, self.id, m.src, self.term, index=self.verified)
+        )
 
     def _handle_snapshot(self, m: Message) -> None:
         snap = m.snapshot
@@ -650,10 +670,9 @@ class RaftNode:
             self.heartbeat_elapsed = 0
             commit = self.log.committed
             for peer in self.peers:
-                pr = self.progress[peer]
-                self._send(
-                    Message(HEARTBEAT, self.id, peer, self.term, commit=min(pr.match, commit))
-                )
+                # Never tell a follower to commit past what it is known to hold.
+                known = min(self.progress[peer].match, commit)
+                self._send(Message(HEARTBEAT, self.id, peer, self.term, commit=known))
 
     def _step_leader(self, m: Message) -> None:
         pr = self.progress.get(m.src)
@@ -676,20 +695,21 @@ class RaftNode:
                 pr.stall += 1
                 if pr.stall >= _STALL_LIMIT:
                     # The snapshot was probably lost: probe again from scratch.
-                    pr.state, pr.next, pr.paused, pr.stall = PROBE, pr.match + 1, False, 0
-                    pr.inflight.clear()
-                    self._send_append(m.src)
+                    self._reprobe(m.src, pr)
             elif pr.match < last:
                 pr.stall += 1
                 if pr.stall >= _STALL_LIMIT:
                     # Appends were probably lost: find the follower again.
-                    pr.state, pr.next, pr.paused, pr.stall = PROBE, pr.match + 1, False, 0
-                    pr.inflight.clear()
-                    self._send_append(m.src)
+                    self._reprobe(m.src, pr)
             elif m.index < min(pr.match, self.log.committed):
                 # The follower restarted and forgot what it verified.
                 pr.next = pr.match + 1
                 self._send_append(m.src)
+
+    def _reprobe(self, peer: int, pr: _Progress) -> None:
+        pr.state, pr.next, pr.paused, pr.stall = PROBE, pr.match + 1, False, 0
+        pr.inflight.clear()
+        self._send_append(peer)
 
     def _handle_ack(self, peer: int, pr: _Progress, index: int) -> None:
         inflight = pr.inflight

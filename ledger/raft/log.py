@@ -75,7 +75,9 @@ class RaftLog:
         """is_up_to_date: is a log ending at (last_index, last_term) at least as
         up to date as this one (Raft section 5.4.1)?"""
         mine = self.last_term()
-        return last_term > mine or (last_term == mine and last_index >= self.last_index())
+        if last_term != mine:
+            return last_term > mine
+        return last_index >= self.last_index()
 
     def append(self, entries: tuple[Entry, ...] | list[Entry]) -> None:
         """append adds entries, truncating any held suffix from entries[0].index.

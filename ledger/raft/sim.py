@@ -175,7 +175,9 @@ class Simulation:
         self.faults = frozenset(faults)
         unknown = self.faults - ALL_FAULTS
         if unknown:
-            raise ValueError(f"unknown faults {sorted(unknown)}; known: {sorted(ALL_FAULTS)}")
+            raise ValueError(
+                f"unknown faults {sorted(unknown)}; known: {sorted(ALL_FAULTS)}"
+            )
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
 
@@ -209,6 +211,9 @@ class Simulation:
         # A crash right after a term or vote became durable (and its replies
         # left) is where forgetting a vote would show.
         self.p_crash_after_vote = r.choice((0.05, 0.2, 0.5)) if has("crash") else 0.0
+        # A leader dying right after it applied a commit, before its next
+        # messages leave, is where a wrongly counted commit would show.
+        self.p_crash_after_commit = r.choice((0.0, 0.02, 0.1)) if has("crash") else 0.0
         self.p_propose = r.choice((0.2, 0.4, 0.7))
         self.snapshot_every = r.choice((8, 16, 32))
 
@@ -273,7 +278,9 @@ class Simulation:
             rep = replicas[m.dst]
             if rep.node is None or (blocked and (m.src, m.dst) in blocked):
                 continue
-            trace.append((now, m.src, m.dst, m.type._value_, m.term, m.index, len(m.entries)))
+            trace.append(
+                (now, m.src, m.dst, m.type._value_, m.term, m.index, len(m.entries))
+            )
             rep.node.step(m)
 
         # Ticks, with skew: a node ticks `rate` times per step on average.
@@ -451,6 +458,13 @@ class Simulation:
             self._apply(rep, e)
         node.advance(rd)
 
+        if (
+            rd.committed_entries
+            and node.role is _LEADER
+            and self.rng.random() < self.p_crash_after_commit
+        ):
+            self._crash(rep, torn=False, quick=True)
+            return
         if self.p_crash_after_vote and rd.hard_state is not None:
             key = (node.term, node.vote)
             if key != rep.last_vote:
@@ -687,7 +701,7 @@ def run_seeds(
     began = time.perf_counter()
     fault_arg = faults if isinstance(faults, str) else tuple(sorted(faults))
     jobs = [
-        (s, nodes if nodes is not None else (3 if s % 2 == 0 else 5), steps, fault_arg, bug)
+        (s, nodes or (3 if s % 2 == 0 else 5), steps, fault_arg, bug)
         for s in range(start, start + count)
     ]
     if workers > 1 and count > 1:
