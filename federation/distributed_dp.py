@@ -49,7 +49,6 @@ from collections.abc import Sequence
 from fractions import Fraction
 
 import numpy as np
-from opacus.accountants import RDPAccountant
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +299,10 @@ def epsilon_for_rounds(
         raise ValueError(f"delta must lie in (0, 1), got {delta}")
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
+
+    # Imported here: hospital agents use the noise samplers above and should
+    # not pay for opacus (and torch) at start.
+    from opacus.accountants import RDPAccountant
 
     accountant = RDPAccountant()
     for completed in completed_per_round:

@@ -16,13 +16,18 @@ Two interchangeable back ends give bit-identical results:
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 DEVICES = ("cpu", "torch-cpu", "cuda")
 
 
 def resolve_device(device: str) -> str:
     """Maps "auto" to "cuda" when torch sees a GPU, else "cpu"; checks the rest."""
+    if device == "cpu":
+        return device
+    # torch is imported only off the numpy path: a hospital agent that masks
+    # on "cpu" then stays free of torch's import time and memory.
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device not in DEVICES:
@@ -52,6 +57,8 @@ class ModularSum:
         if self.device == "cpu":
             self._total = np.zeros(length, dtype=np.uint64)
         else:
+            import torch
+
             torch_device = "cpu" if self.device == "torch-cpu" else self.device
             self._total = torch.zeros(length, dtype=torch.int64, device=torch_device)
 
@@ -75,6 +82,8 @@ class ModularSum:
                 np.subtract(self._total, residues, out=self._total)
             return
 
+        import torch
+
         term = torch.from_numpy(residues.view(np.int64)).to(self._total.device)
         if not reduced:
             term = torch.bitwise_and(term, self._mask)
@@ -93,6 +102,8 @@ class ModularSum:
         if self.device == "cpu":
             total = (self._total & np.uint64(self._mask)).view(np.int64)
             return np.where(total >= half, total - (1 << self.modulus_bits), total)
+
+        import torch
 
         # AND with a non-negative mask maps two's complement values into [0, 2^k).
         total = torch.bitwise_and(self._total, self._mask)
