@@ -358,6 +358,38 @@ def test_follower_never_commits_beyond_what_it_verified():
     assert n3.log.committed == 2
 
 
+def test_a_stale_reordered_append_never_truncates_newer_entries():
+    c = Cluster(3, RaftConfig(pre_vote=False))
+    c.elect(1)
+    c.heartbeat()
+    n2 = c.node(2)
+    noop = Entry(1, 1, E.NOOP, b"")
+    a, b = Entry(2, 1, E.NORMAL, b"a"), Entry(3, 1, E.NORMAL, b"b")
+
+    # The append carrying 2..3 overtakes the one carrying only 2.
+    n2.step(Message(MessageType.APP, 1, 2, 1, index=1, log_term=1, entries=(a, b)))
+    n2.step(Message(MessageType.APP, 1, 2, 1, index=1, log_term=1, entries=(a,)))
+    assert n2.log.entries == [noop, a, b]
+    rd = n2.ready()
+    assert [m.index for m in rd.messages] == [3, 2]  # both acknowledge a match
+    n2.advance(rd)
+
+
+def test_a_snapshot_whose_last_entry_the_follower_holds_only_commits():
+    c = Cluster(3)
+    c.elect(1)
+    c.propose(1, b"a", b"b")
+    n2 = c.node(2)
+    assert n2.log.last_index() == 3 and n2.log.committed == 1
+    snap = Snapshot(2, 1, c.voters, b"state@2")
+    n2.step(Message(MessageType.SNAP, 1, 2, 1, snapshot=snap))
+    rd = n2.ready()
+    assert rd.snapshot is None and n2.log.last_index() == 3
+    assert n2.log.committed == 2
+    assert [e.data for e in rd.committed_entries] == [b"a"]
+    n2.advance(rd)
+
+
 def test_figure_8_old_term_entry_is_not_committed_by_counting():
     outcomes = {}
     for bug in (None, "commit_old_term"):

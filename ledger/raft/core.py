@@ -173,7 +173,6 @@ class _Pending:
     """The real hard state a Ready asked to persist (for `advance`)."""
 
     hard_state: tuple[int, int | None, int] | None = None
-    entries: tuple[Entry, ...] = field(default_factory=tuple)
 
 
 class RaftNode:
@@ -450,7 +449,7 @@ class RaftNode:
             term=self.term,
         )
         self._msgs = []
-        self._in_ready = _Pending(hs if hard_state is not None else None, entries)
+        self._in_ready = _Pending(hs if hard_state is not None else None)
         return rd
 
     def advance(self, rd: Ready) -> None:

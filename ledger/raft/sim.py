@@ -46,7 +46,6 @@ from ledger.raft.messages import (
     EntryType,
     HardState,
     Message,
-    MessageType,
     Ready,
     Role,
     Snapshot,
