@@ -9,6 +9,30 @@ there are at least ``quorum`` of them. A hospital that raises, dies or times
 out is dropped from that round with the reason recorded; a round without
 quorum fails cleanly and leaves the global model unchanged.
 
+With secure aggregation (``secure_agg.mode`` ``"mask"`` or ``"ckks"``) each
+hospital's update goes from its trainer to its own ``HospitalAgent``; the
+coordinator asks the agents to train (``HospitalAgent.train``), receives only
+sample counts and metrics, runs ``actors.secure_round.masked_round`` or
+``ckks_round`` over the accepted hospitals and applies the recovered sum with
+``strategy.apply(global, summed_weighted_delta, total_samples)``. It cannot
+see individual updates, so screening (NaN, shape, sample count) happens in
+each hospital's agent before masking. If more than ``dropout_threshold`` of
+the hospitals in the secure round drop before their input is summed, or the
+sum cannot be recovered, the round fails and the global model is unchanged.
+
+A hospital whose privacy budget would be exceeded declines the round (the
+reason is recorded under ``declined``); the round goes on with the others.
+
+With the ledger (``ledger_replicas`` given), each round the coordinator signs
+a ``round_open`` entry (base: hash of the current global model), relays the
+hospitals' own signed ``model_update`` and ``privacy_spend`` entries in one
+submission, excludes every update whose entry the ledger rejected (or, in
+the clear, whose delta does not hash to the signed ``update_hash``), and
+after aggregation signs a ``global_model`` entry naming the accepted update
+hashes. Known limitation: under secure aggregation the update hash is the
+hospital's statement about its own update; the coordinator cannot check it
+against the masked sum.
+
 The coordinator holds only the held-out test patients (to score the global
 model each round) and the global model; it never sees a hospital's rows.
 After every round it checkpoints the global weights, the strategy state and
@@ -51,7 +75,13 @@ class Coordinator:
     X_test, y_test: held-out patients that score the global model each round.
     hospitals: ``[(name, trainer_handle)]`` in hospital index order.
     checkpoint_dir: folder for ``checkpoint.pkl``.
-    device: ``"cpu"`` or ``"cuda"``, where aggregation runs.
+    device: ``"cpu"`` or ``"cuda"``, where aggregation (and the masking
+        server's sums) runs.
+    agents: ``{name: HospitalAgent handle}`` for every hospital, in hospital
+        order, when the run uses secure aggregation; else None.
+    ledger_replicas: the ledger's replica handles, or None without ledger.
+    ledger_dir: the ledger folder (its ``keys/coordinator.pem`` signs the
+        coordinator's entries).
     """
 
     def __init__(
@@ -63,6 +93,9 @@ class Coordinator:
         hospitals: list[tuple[str, object]],
         checkpoint_dir: str,
         device: str = "cpu",
+        agents: dict | None = None,
+        ledger_replicas: list | None = None,
+        ledger_dir: str | None = None,
     ) -> None:
         import torch
 
@@ -95,6 +128,16 @@ class Coordinator:
         self.records: list[dict] = []
         self._pings: dict[str, ray.ObjectRef] = {}
         self.resumed_from: int | None = None
+        self.agents = dict(agents) if agents else None
+        self._ckks_context: bytes | None = None
+        self._ledger = None
+        self._signer = None
+        if ledger_replicas:
+            from actors.ledger_client import LedgerClient
+            from ledger.genesis import load_signer
+
+            self._ledger = LedgerClient(list(ledger_replicas))
+            self._signer = load_signer(ledger_dir, "coordinator")
 
         if config.resume:
             self._restore()
@@ -124,50 +167,110 @@ class Coordinator:
         The record: ``round``, ``status`` (``"ok"``/``"failed"``), ``failure``
         (reason or None), ``sampled``, ``participants`` (hospitals whose
         updates went into the global model; empty when the round failed),
-        ``accepted`` (updates that passed screening), ``dropped`` and
-        ``rejected`` (``[{"hospital", "reason"}]``), ``quorum``,
-        ``num_samples``, ``loss`` (sample-weighted mean training loss of the
-        accepted updates), ``mean_val_auroc`` (their mean local validation
-        AUROC), ``auroc`` and ``test`` (scores of the global model on the test
-        patients after the round), ``weights_hash``, ``late`` (hospitals that
-        timed out) and ``seconds``.
+        ``accepted`` (updates that passed screening and the ledger),
+        ``dropped``, ``rejected`` and ``declined`` (``[{"hospital",
+        "reason"}]``; declined: the hospital refused to train, e.g. its
+        privacy budget), ``quorum``, ``num_samples``, ``loss``
+        (sample-weighted mean training loss of the accepted updates; None
+        when none reports one, as under DP), ``mean_val_auroc`` (their mean
+        local validation AUROC), ``auroc`` and ``test`` (scores of the global
+        model on the test patients after the round), ``weights_hash``,
+        ``late`` (hospitals that timed out), ``privacy`` (``{hospital:
+        {"epsilon", "epsilon_round", "delta"}}``, epsilon in total so far
+        and added this round, at delta; empty without DP), ``secure``
+        (mode, survivors, dropped, seconds and bytes of the secure round;
+        None in the clear), ``ledger`` (``round_open``, ``updates``
+        ``{hospital: update hash}`` accepted by the ledger, ``global_model``
+        entry outcome; None without ledger) and ``seconds``.
         """
-        from federation.aggregation import RoundFailed, check_update
+        from federation.aggregation import RoundFailed, Update, check_update
 
         started = time.perf_counter()
         r = self.round + 1
         sampled = self._sample(r)
         reachable, dropped = self._ping(sampled)
+        secure = self.agents is not None
+        ledger_record = None
+        failure = None
+        if self._ledger is not None:
+            ledger_record, failure = self._ledger_open(r)
+        if failure is not None:
+            reachable = []
 
         # One broadcast object per round, shared by every hospital.
         weights_ref = ray.put(self.weights)
-        calls = {
-            handle.fit.remote(r, weights_ref, self.config.local_epochs): name
-            for name, handle in reachable
-        }
-        updates, late = self._collect(calls, dropped)
+        epochs = self.config.local_epochs
+        if secure:
+            # The agent calls its trainer; the update never comes here.
+            calls = {
+                self.agents[name].train.remote(
+                    r, [weights_ref], epochs, None, self.weights.size
+                ): name
+                for name, _ in reachable
+            }
+        else:
+            calls = {
+                handle.fit.remote(r, weights_ref, epochs): name
+                for name, handle in reachable
+            }
+        answers, late = self._collect(calls, dropped)
 
-        accepted, rejected = [], []
-        for name, update in updates:
-            reason = check_update(update, self.weights.size, expected_round=r)
+        updates, rejected, declined, privacy = [], [], [], {}
+        for name, answer in answers:
+            kind, value = _classify(answer)
+            spent = _privacy_of(answer)
+            if spent is not None:
+                privacy[name] = spent
+            if kind == "declined":
+                log.warning("round %d: %s declined: %s", r, name, value)
+                declined.append({"hospital": name, "reason": value})
+                continue
+            if kind == "rejected":
+                log.warning("round %d: %s rejected its own update: %s", r, name,
+                            value)
+                rejected.append({"hospital": name,
+                                 "reason": f"screened at the hospital: {value}"})
+                continue
+            if secure:
+                update = Update(hospital=answer["hospital"], round=answer["round"],
+                                delta=None, num_samples=answer["num_samples"],
+                                metrics=dict(answer["metrics"]))
+                reason = None if update.round == r else (
+                    f"update is for round {update.round}, expected {r}")
+            else:
+                update = answer
+                reason = check_update(update, self.weights.size, expected_round=r)
             if reason is None and update.hospital != name:
                 reason = f"update names hospital {update.hospital!r}, sent by {name!r}"
             if reason is None:
-                # Ray hands out read-only arrays; aggregation wants its own copy.
-                update.delta = np.array(update.delta)
-                accepted.append(update)
+                if not secure:
+                    # Ray hands out read-only arrays; aggregation wants a copy.
+                    update.delta = np.array(update.delta)
+                updates.append(update)
             else:
                 log.warning("round %d: rejected update from %s: %s", r, name, reason)
                 rejected.append({"hospital": name, "reason": reason})
 
+        accepted = updates
+        if self._ledger is not None and failure is None:
+            accepted = self._ledger_updates(r, updates, rejected, ledger_record,
+                                            secure)
+
         need = self.config.quorum_count(len(sampled))
-        failure = None
-        if not updates:
+        secure_report = None
+        if failure is not None:
+            pass
+        elif not answers:
             failure = f"no update arrived from {len(sampled)} sampled hospital(s)"
         elif not accepted:
-            failure = f"all {len(updates)} update(s) rejected"
+            failure = (f"no update to aggregate: {len(rejected)} rejected, "
+                       f"{len(declined)} declined")
         elif len(accepted) < need:
             failure = f"quorum not met: {len(accepted)} accepted, {need} needed"
+        elif secure:
+            accepted, failure, secure_report = self._secure_aggregate(
+                r, accepted, dropped, need
+            )
         else:
             try:
                 self.weights = self.strategy.aggregate(self.weights, accepted, r)
@@ -175,14 +278,203 @@ class Coordinator:
                 failure = str(exc)
         if failure is not None:
             log.warning("round %d failed, global model unchanged: %s", r, failure)
+        elif self._ledger is not None:
+            self._ledger_global(r, accepted, ledger_record)
 
         record = self._record(r, sampled, accepted, dropped, rejected, need, failure)
+        record["declined"] = declined
         record["late"] = late
+        record["privacy"] = privacy
+        record["secure"] = secure_report
+        record["ledger"] = ledger_record
         record["seconds"] = time.perf_counter() - started
         self.round = r
         self.records.append(record)
         self._checkpoint()
         return record
+
+    # --- secure aggregation ----------------------------------------------
+
+    def _secure_aggregate(self, r: int, accepted: list, dropped: list[dict],
+                          need: int) -> tuple[list, str | None, dict]:
+        """Sums the accepted hospitals' updates in their agents; applies it.
+
+        Returns (the updates in the sum, failure reason or None, report).
+        The global model changes only when the sum was recovered and at most
+        ``dropout_threshold`` of the hospitals dropped.
+        """
+        from actors.secure_round import ckks_round, masked_round
+        from federation.secagg.config import MaskingConfig
+        from federation.secagg.errors import AggregationAborted
+
+        sa = self.config.secure_agg
+        inputs = {u.hospital: (None, int(u.num_samples)) for u in accepted}
+        report: dict = {"mode": sa.mode, "inputs": sorted(inputs)}
+        try:
+            if sa.mode == "mask":
+                masking = MaskingConfig(
+                    n=len(self.agents), clip_range=sa.clip_range,
+                    frac_bits=sa.frac_bits, clip_mode="clip",
+                )
+                summed, total, full = masked_round(
+                    self.agents, inputs, masking, r, sa.stage_timeout_s,
+                    self.device,
+                )
+                survivors = full["survivor_names"]
+                report["clipped"] = full.get("clipped")
+            else:
+                key_holder = next(iter(self.agents))
+                summed, total, full = ckks_round(
+                    self.agents, key_holder, inputs, r, sa.stage_timeout_s,
+                    public_context=self._ckks_context,
+                )
+                survivors = full["contributors"]
+            if self._ckks_context is None and sa.mode == "ckks":
+                self._ckks_context = ray.get(
+                    self.agents[key_holder].ckks_public_context.remote()
+                )
+        except AggregationAborted as exc:
+            report["error"] = exc.reason
+            for name, why in (exc.details.get("errors") or {}).items():
+                dropped.append(self._drop(r, name, f"secure round: {why}"))
+            return [], f"secure aggregation aborted: {exc.reason}", report
+
+        lost = [name for name in inputs if name not in set(survivors)]
+        errors = full.get("errors") or {}
+        for name in lost:
+            dropped.append(self._drop(
+                r, name, f"secure round: {errors.get(name, 'dropped')}"))
+        report.update({
+            "survivors": sorted(survivors), "dropped": lost,
+            "seconds": full.get("seconds"),
+            "bytes_in": sum(v.get("bytes_in", 0)
+                            for v in (full.get("stages") or {}).values()),
+            "bytes_out": sum(v.get("bytes_out", 0)
+                             for v in (full.get("stages") or {}).values()),
+        })
+        share = len(lost) / len(inputs)
+        in_sum = [u for u in accepted if u.hospital in set(survivors)]
+        if share > sa.dropout_threshold:
+            return [], (f"{len(lost)} of {len(inputs)} hospitals dropped from the "
+                        f"secure round ({share:.0%} > dropout threshold "
+                        f"{sa.dropout_threshold:.0%})"), report
+        if len(in_sum) < need:
+            return [], (f"quorum not met: {len(in_sum)} in the secure sum, "
+                        f"{need} needed"), report
+        if total <= 0:
+            return [], f"secure sum has total weight {total}", report
+        self.weights = np.asarray(
+            self.strategy.apply(self.weights, np.asarray(summed), total),
+            dtype=np.float32,
+        )
+        return in_sum, None, report
+
+    # --- ledger ------------------------------------------------------------
+
+    def _ledger_submit(self, entries_: list[bytes]) -> list[dict]:
+        """Submits signed entries as one submission; their outcomes in order."""
+        result = self._ledger.submit(entries_)
+        return list(result["outcomes"])
+
+    def _ledger_open(self, r: int) -> tuple[dict, str | None]:
+        """Signs and records ``round_open``; returns the record and a failure."""
+        from federation.models import weights_hash
+        from ledger import entries
+
+        record = {"round_open": None, "updates": {}, "global_model": None,
+                  "privacy_spends": 0}
+        raw = entries.round_open(self._signer, round=r,
+                                 base_model_hash=weights_hash(self.weights),
+                                 timestamp=time.time())
+        try:
+            outcome = self._ledger_submit([raw])[0]
+        except (TimeoutError, ray.exceptions.RayError) as exc:
+            return record, f"ledger unavailable, round not opened: {exc}"
+        record["round_open"] = outcome
+        if not outcome["accepted"]:
+            return record, f"ledger refused to open the round: {outcome['reason']}"
+        return record, None
+
+    def _ledger_updates(self, r: int, updates: list, rejected: list[dict],
+                        record: dict, secure: bool) -> list:
+        """Relays the hospitals' signed entries; returns the updates the
+        ledger accepted (others go to ``rejected`` with the ledger's reason)."""
+        from federation.models import weights_hash
+        from ledger import entries
+
+        batch, owners = [], []
+        checked = []
+        for update in updates:
+            signed = update.metrics.pop("ledger_entries", None)
+            if not signed:
+                rejected.append({"hospital": update.hospital,
+                                 "reason": "no signed ledger entry"})
+                continue
+            body = entries.parse(signed[0]).body
+            if not secure and body.get("update_hash") != weights_hash(update.delta):
+                # Nothing of it goes on the chain as this hospital's update.
+                reason = ("ledger entry's update_hash does not match the update "
+                          "received")
+                log.warning("round %d: %s: %s", r, update.hospital, reason)
+                rejected.append({"hospital": update.hospital, "reason": reason})
+                continue
+            for raw in signed:
+                batch.append(raw)
+                owners.append(update)
+            checked.append((update, body["update_hash"]))
+        if not batch:
+            return []
+        try:
+            outcomes = self._ledger_submit(batch)
+        except (TimeoutError, ray.exceptions.RayError) as exc:
+            for update, _ in checked:
+                rejected.append({"hospital": update.hospital,
+                                 "reason": f"ledger unavailable: {exc}"})
+            return []
+
+        verdicts: dict[str, dict] = {}
+        for raw, update, outcome in zip(batch, owners, outcomes):
+            kind = entries.parse(raw).type
+            if kind == entries.MODEL_UPDATE:
+                verdicts[update.hospital] = outcome
+            elif outcome["accepted"]:
+                record["privacy_spends"] += 1
+            else:
+                log.warning("round %d: ledger rejected %s's privacy spend: %s", r,
+                            update.hospital, outcome["reason"])
+        accepted = []
+        for update, update_hash in checked:
+            outcome = verdicts.get(update.hospital)
+            if outcome is not None and outcome["accepted"]:
+                record["updates"][update.hospital] = update_hash
+                update.metrics["update_hash"] = update_hash
+                accepted.append(update)
+            else:
+                why = outcome["reason"] if outcome else "no outcome"
+                log.warning("round %d: ledger rejected %s's update, excluded: %s",
+                            r, update.hospital, why)
+                rejected.append({"hospital": update.hospital,
+                                 "reason": f"ledger rejected the update: {why}"})
+        return accepted
+
+    def _ledger_global(self, r: int, accepted: list, record: dict) -> None:
+        """Signs and records the new global model naming the updates in it."""
+        from federation.models import weights_hash
+        from ledger import entries
+
+        raw = entries.global_model(
+            self._signer, round=r, model_hash=weights_hash(self.weights),
+            update_hashes=[u.metrics["update_hash"] for u in accepted],
+            timestamp=time.time(),
+        )
+        try:
+            outcome = self._ledger_submit([raw])[0]
+        except (TimeoutError, ray.exceptions.RayError) as exc:
+            outcome = {"accepted": False, "reason": f"ledger unavailable: {exc}"}
+        record["global_model"] = outcome
+        if not outcome["accepted"]:
+            log.error("round %d: ledger refused the global model: %s", r,
+                      outcome["reason"])
 
     def _sample(self, r: int) -> list[str]:
         return sample_hospitals([name for name, _ in self.hospitals],
@@ -293,9 +585,11 @@ class Coordinator:
         test = binary_metrics(self.y_test, p)
         test.pop("calibration", None)
         total = sum(int(u.num_samples) for u in accepted)
-        losses = [(u.metrics.get("loss"), u.num_samples) for u in accepted]
-        train_loss = (sum(loss * n for loss, n in losses if loss is not None) / total
-                      if total else None)
+        losses = [(u.metrics.get("loss"), u.num_samples) for u in accepted
+                  if u.metrics.get("loss") is not None]
+        weight = sum(n for _, n in losses)
+        train_loss = (sum(loss * n for loss, n in losses) / weight
+                      if weight else None)
         val = [u.metrics.get("val_auroc") for u in accepted]
         val = [v for v in val if v is not None and math.isfinite(v)]
         return {
@@ -385,6 +679,41 @@ def sample_hospitals(names: list[str], count: int, seed: int, round: int
     rng = np.random.default_rng([seed, round])
     chosen = rng.choice(len(names), size=count, replace=False)
     return [names[i] for i in sorted(chosen)]
+
+
+def _classify(answer) -> tuple[str, str | None]:
+    """``("declined", reason)``, ``("rejected", reason)`` or ``("update", None)``."""
+    if isinstance(answer, dict):
+        if "declined" in answer:
+            return "declined", answer["declined"]
+        if "rejected" in answer:
+            return "rejected", answer["rejected"]
+        return "update", None
+    if not hasattr(answer, "delta"):
+        return "declined", getattr(answer, "reason", repr(answer))
+    return "update", None
+
+
+def _privacy_of(answer) -> dict | None:
+    """Epsilon spent by the hospital that sent ``answer``, if it reports one."""
+    if isinstance(answer, dict):
+        if answer.get("privacy") is not None:
+            return {"epsilon": answer["privacy"]["epsilon"], "epsilon_round": 0.0,
+                    "delta": answer["privacy"]["delta"]}
+        metrics = answer.get("metrics") or {}
+    elif hasattr(answer, "metrics"):
+        metrics = answer.metrics or {}
+    else:
+        privacy = getattr(answer, "privacy", None)
+        if privacy is None:
+            return None
+        return {"epsilon": privacy["epsilon"], "epsilon_round": 0.0,
+                "delta": privacy["delta"]}
+    if metrics.get("epsilon") is None:
+        return None
+    return {"epsilon": float(metrics["epsilon"]),
+            "epsilon_round": float(metrics.get("epsilon_round") or 0.0),
+            "delta": float(metrics["delta"])}
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,19 +9,30 @@ and the hospital rejoins the rounds once it answers a ping.
 
 Extension points, each in one place:
 
-- ``HospitalTrainer._make_trainer`` chooses the local trainer (plain
-  ``LocalTrainer``; a differentially private trainer with the same ``fit``
-  slots in here).
+- ``HospitalTrainer._make_trainer`` chooses the local trainer: plain
+  ``LocalTrainer``, or ``federation.privacy.PrivateTrainer`` when the run
+  sets ``dp`` (one privacy engine per hospital for the whole run, living in
+  this actor, so epsilon composes over every round).
 - ``HospitalTrainer._postprocess`` is the single step between local training
-  and the update leaving the actor (masking for secure aggregation goes here).
+  and the update leaving the actor: with the ledger on, the hospital signs
+  its own ``model_update`` entry (hash of the global model it started from,
+  hash of its update, sample count, privacy spent) and, under DP, its
+  cumulative ``privacy_spend``, with its own key loaded from the
+  consortium's ``keys/`` folder. The signed bytes travel in the update's
+  metrics (``ledger_entries``); the coordinator only relays them.
+
+A hospital whose next round would exceed its privacy budget declines the
+round: ``fit`` returns a ``Declined`` (with the reason) instead of an update.
 
 ``HospitalGroup`` is the driver-side handle: it creates one hospital's actors
-on one placement-group bundle, so they share a node; ``reserve_bundles``
-makes the placement group, spreading hospitals over nodes on a multi-node
-cluster.
+(trainer, and with secure aggregation its ``HospitalAgent``, which holds the
+secure-aggregation secrets and receives the trainer's update) on one
+placement-group bundle, so they share a node; ``reserve_bundles`` makes the
+placement group, spreading hospitals over nodes on a multi-node cluster.
 
 Test-only fault injection: ``Fault`` makes a trainer raise, stall, crash its
-process or send a malformed update in chosen rounds. It exists to test the
+process, send a malformed update or sign its ledger entry with a wrong key
+(``"wrong_key"``, a forged update) in chosen rounds. It exists to test the
 coordinator's handling of failing hospitals and is never set by ``medfed run``.
 """
 
@@ -49,7 +60,22 @@ TRAINER_CPUS = 0.1
 # Restarts per trainer before Ray gives up on it for the rest of the run.
 MAX_RESTARTS = 3
 
-FAULT_KINDS = ("raise", "sleep", "crash", "nan", "zero_samples", "wrong_shape")
+FAULT_KINDS = (
+    "raise", "sleep", "crash", "nan", "zero_samples", "wrong_shape", "wrong_key",
+)
+
+
+@dataclass
+class Declined:
+    """A hospital's answer when it will not train this round, and why.
+
+    privacy: ``{"epsilon", "delta"}`` spent so far, or None without DP.
+    """
+
+    hospital: str
+    round: int
+    reason: str
+    privacy: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +85,8 @@ class Fault:
     kind: ``"raise"`` (fit raises RuntimeError), ``"sleep"`` (fit stalls for
         ``seconds`` first), ``"crash"`` (the actor process exits mid-fit;
         Ray restarts it), ``"nan"``, ``"zero_samples"`` or ``"wrong_shape"``
-        (a malformed update is sent).
+        (a malformed update is sent), ``"wrong_key"`` (the ledger entry is
+        signed with a key that is not the hospital's).
     rounds: rounds in which to fail; empty means every round.
     seconds: stall length for ``"sleep"``.
     """
@@ -104,6 +131,7 @@ class HospitalTrainer:
         self._data = load_hospital(config.data, index, cache_dir=config.cache_dir)
         self.name = self._data.name
         self._trainer = self._make_trainer()
+        self._signer = self._load_signer()
         self._incarnation = f"{os.getpid()}-{time.time_ns()}"
         log.info(
             "%s ready in %.2f s: %d training and %d validation patients",
@@ -116,12 +144,33 @@ class HospitalTrainer:
         from federation.training import LocalTrainer
 
         c = self._config
+        if c.dp is not None:
+            from federation.privacy import PrivateTrainer
+
+            return PrivateTrainer(
+                c.model, self._data.X_train, self._data.y_train, c.dp,
+                batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
+                local_epochs=c.local_epochs, hidden=c.hidden,
+                seed=c.seed + 1000 * (self._index + 1),
+                budget_epsilon=c.dp_budgets.get(self.name),
+                proximal_mu=c.mu if c.strategy == "fedprox" else 0.0,
+                name=self.name,
+            )
         return LocalTrainer(
             c.model, self._data.X_train, self._data.y_train,
             batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
             proximal_mu=c.mu if c.strategy == "fedprox" else 0.0,
             hidden=c.hidden, seed=c.seed + 1000 * (self._index + 1),
         )
+
+    def _load_signer(self):
+        """This hospital's ledger signing key, or None when the ledger is off."""
+        ledger = self._config.ledger
+        if not ledger.enabled or ledger.dir is None:
+            return None
+        from ledger.genesis import load_signer
+
+        return load_signer(ledger.dir, self.name)
 
     def ping(self) -> dict:
         """Liveness: ``{"hospital", "node", "pid", "incarnation"}``.
@@ -146,11 +195,16 @@ class HospitalTrainer:
             coordinator). epochs: local passes (``None``: the run's
             ``local_epochs``). config: settings for this round only;
             ``"lr"`` and ``"proximal_mu"`` are honoured.
-        The update's metrics hold the trainer's (``loss``, ``steps``, ...) plus
+        The update's metrics hold the trainer's (``loss``, ``steps``, ...; under
+        DP ``epsilon``, ``epsilon_round``, ``delta`` and ``loss`` None) plus
         ``val_auroc`` and ``val_loss`` of the local model on this hospital's
-        validation patients.
+        validation patients, and with the ledger on ``ledger_entries``
+        (signed entry bytes, see the module docstring).
+        Returns a ``Declined`` instead when the privacy budget would be
+        exceeded; nothing is trained then.
         """
         from federation.aggregation import Update
+        from federation.privacy import BudgetExhausted
 
         self._inject_before(round)
 
@@ -167,6 +221,9 @@ class HospitalTrainer:
             result = self._trainer.fit(
                 global_weights, epochs or self._config.local_epochs
             )
+        except BudgetExhausted as exc:
+            log.warning("%s declines round %d: %s", self.name, round, exc)
+            return Declined(self.name, round, str(exc), self._privacy())
         finally:
             for key, value in saved.items():
                 setattr(self._trainer, key, value)
@@ -179,10 +236,46 @@ class HospitalTrainer:
             hospital=self.name, round=round, delta=result.delta,
             num_samples=int(result.num_samples), metrics=metrics,
         )
-        return self._inject_after(self._postprocess(update))
+        return self._inject_after(self._postprocess(update, global_weights))
 
-    def _postprocess(self, update):
-        """The one step between training and sending (masking goes here)."""
+    def _privacy(self) -> dict | None:
+        """``{"epsilon", "delta"}`` spent so far, or None without DP."""
+        if not hasattr(self._trainer, "spent"):
+            return None
+        epsilon, delta = self._trainer.spent()
+        return {"epsilon": float(epsilon), "delta": float(delta)}
+
+    def _postprocess(self, update, global_weights: np.ndarray):
+        """The one step between training and sending: signs the ledger entries."""
+        if self._signer is None:
+            return update
+        from federation.models import weights_hash
+        from ledger import entries
+
+        signer = self._signer
+        fault = self._fault
+        if (fault is not None and fault.kind == "wrong_key"
+                and fault.applies(update.round)):
+            from ledger.identity import Signer, generate_key
+
+            log.warning("%s: injected forged signature in round %d", self.name,
+                        update.round)
+            signer = Signer(self.name, generate_key())
+        privacy = self._privacy()
+        now = time.time()
+        signed = [entries.model_update(
+            signer, round=update.round, base_model_hash=weights_hash(global_weights),
+            update_hash=weights_hash(update.delta),
+            num_samples=max(1, int(update.num_samples)), privacy_spent=privacy,
+            timestamp=now,
+        )]
+        if privacy is not None:
+            signed.append(entries.privacy_spend(
+                signer, round=update.round, epsilon=privacy["epsilon"],
+                delta=privacy["delta"], accountant=self._config.dp.accountant,
+                timestamp=now,
+            ))
+        update.metrics["ledger_entries"] = signed
         return update
 
     def _inject_after(self, update):
@@ -310,8 +403,10 @@ class HospitalGroup:
     """Driver-side handle on one hospital's actors, all on one bundle.
 
     Creating a group starts its actors; ``trainer`` is the training actor's
-    handle. ``cpus`` is the trainer's CPU share and must fit the bundle.
-    ``kill`` ends them for good (no restart).
+    handle; ``agent`` is its ``HospitalAgent`` when the run uses secure
+    aggregation (else None). ``cpus`` is the bundle's CPU share, split
+    between the actors. ``kill`` ends them for good (no restart).
+    agent_fault: test-only ``actors.hospital_agent.AgentFault``.
     """
 
     def __init__(
@@ -322,19 +417,33 @@ class HospitalGroup:
         group: PlacementGroup | None = None,
         fault: Fault | None = None,
         cpus: float = TRAINER_CPUS,
+        agent_fault=None,
     ) -> None:
         self.index = index
         self.name = name
-        options: dict = {"num_cpus": cpus}
+        secure = config.secure_agg.mode != "none"
+        # The agent masks or encrypts once per round: a third of the share.
+        trainer_share = round(cpus * 2 / 3, 4) if secure else cpus
+        options: dict = {"num_cpus": trainer_share}
         if group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=index,
             )
         self.trainer = HospitalTrainer.options(**options).remote(config, index, fault)
+        self.agent = None
+        if secure:
+            from actors.hospital_agent import HospitalAgent, noise_from_config
+
+            options = dict(options, num_cpus=round(cpus - trainer_share, 4))
+            self.agent = HospitalAgent.options(**options).remote(
+                index, name, self.trainer,
+                ckks_key_holder=(index == 0 and config.secure_agg.mode == "ckks"),
+                noise=noise_from_config(config), fault=agent_fault,
+            )
 
     def actors(self) -> list:
         """Every actor handle of this hospital."""
-        return [self.trainer]
+        return [self.trainer] + ([self.agent] if self.agent is not None else [])
 
     def kill(self) -> None:
         for actor in self.actors():

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from clinical.spec import DataSpec
+from federation.privacy import DPConfig
 
 MODELS = ("logreg", "mlp")
 OPTIMIZERS = ("sgd", "adam")
@@ -36,6 +37,52 @@ ROUND_FAILURE_POLICIES = ("continue", "stop")
 DATASETS = ("diabetes130", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "natural")
 TARGETS = ("readmit30", "readmit_any")
+SECURE_AGG_MODES = ("none", "mask", "ckks")
+NOISE_KINDS = ("none", "discrete", "gaussian")
+
+
+@dataclass
+class SecureAggConfig:
+    """Secure aggregation of the hospitals' updates (TOML table ``[secure_agg]``).
+
+    mode: ``"none"`` (updates reach the coordinator in the clear), ``"mask"``
+        (SecAgg+ pairwise masking) or ``"ckks"`` (CKKS homomorphic sum; the
+        first hospital holds the secret key and decrypts only the sum).
+    dropout_threshold: largest share of the hospitals that handed in an
+        update and may drop out before their input is summed; above it the
+        round fails and the global model is unchanged. In [0, 1).
+    clip_range: declared bound on every update value for masking (values
+        outside are clipped); frac_bits: fixed-point fractional bits.
+    stage_timeout_s: seconds each protocol stage waits for the agents.
+    noise: distributed-DP noise share each hospital adds to its update
+        before it leaves: ``"none"``, ``"discrete"`` (masking only) or
+        ``"gaussian"``; noise_sigma: standard deviation of the total noise
+        in the summed weighted update; noise_clip_norm: L2 bound applied to
+        each update first (``None``: no clipping, then no epsilon applies).
+    """
+
+    mode: str = "none"
+    dropout_threshold: float = 0.3
+    clip_range: float = 4.0
+    frac_bits: int = 16
+    stage_timeout_s: float = 60.0
+    noise: str = "none"
+    noise_sigma: float | None = None
+    noise_clip_norm: float | None = None
+
+
+@dataclass
+class LedgerConfig:
+    """The audit ledger a run records into (TOML table ``[ledger]``).
+
+    enabled: start the replicated ledger and record every update and global
+        model (default True); replicas: 3 or 5; dir: the ledger folder
+        (``None``: ``<out>/ledger``), reused across runs when it exists.
+    """
+
+    enabled: bool = True
+    replicas: int = 3
+    dir: str | None = None
 
 
 @dataclass
@@ -67,6 +114,12 @@ class RunConfig:
     address: Ray cluster to join (``None``: a local instance on 127.0.0.1);
         num_cpus: CPUs of that local instance (``None``: all cores).
     cache_dir: prepared-array cache (``None``: the data package's default).
+    dp: record-level DP-SGD at every hospital (``federation.privacy.DPConfig``,
+        TOML table ``[dp]``); ``None`` trains without DP.
+    dp_budgets: per-hospital epsilon budgets that replace ``dp.epsilon`` as
+        the budget of the hospitals named (``{"hospital-03": 0.5}``); the
+        noise stays calibrated to ``dp``.
+    secure_agg: see ``SecureAggConfig``. ledger: see ``LedgerConfig``.
     """
 
     data: DataSpec = field(default_factory=DataSpec)
@@ -92,6 +145,10 @@ class RunConfig:
     address: str | None = None
     num_cpus: int | None = None
     cache_dir: str | None = None
+    dp: DPConfig | None = None
+    dp_budgets: dict[str, float] = field(default_factory=dict)
+    secure_agg: SecureAggConfig = field(default_factory=SecureAggConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
 
     def sampled_per_round(self) -> int:
         """Hospitals asked to train each round: ``fraction`` of them, at least one."""
@@ -200,7 +257,12 @@ def _build(cls: type, mapping: Any, prefix: str, where: str) -> Any:
             )
         else:
             kwargs[key] = _coerce(value, hints[key], dotted, where)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        # A section's own checks (e.g. DPConfig's) name the setting; add where.
+        section = prefix.rstrip(".") or "top level"
+        raise ValueError(f"{where}: [{section}] {exc}") from exc
 
 
 def _dataclass_in(hint: Any) -> type | None:
@@ -321,6 +383,76 @@ def validate(config: RunConfig) -> None:
     _choice("on_round_failure", config.on_round_failure, ROUND_FAILURE_POLICIES)
     if config.num_cpus is not None:
         _at_least("num_cpus", config.num_cpus, 1)
+    _validate_privacy(config)
+    _validate_secure_agg(config.secure_agg, config.data.hospitals)
+    if config.ledger.replicas not in (3, 5):
+        raise ValueError(
+            "config field 'ledger.replicas' must be 3 or 5, got "
+            f"{config.ledger.replicas!r}"
+        )
+
+
+def _validate_privacy(config: RunConfig) -> None:
+    if config.dp is not None and not isinstance(config.dp, DPConfig):
+        raise ValueError(
+            f"config field 'dp' must be a table of DP settings, got {config.dp!r}"
+        )
+    if config.dp_budgets and config.dp is None:
+        raise ValueError(
+            "config field 'dp_budgets' is set but DP is off; add a [dp] table "
+            "(or --dp) or remove dp_budgets"
+        )
+    if not isinstance(config.dp_budgets, dict):
+        raise ValueError(
+            "config field 'dp_budgets' must map hospital names to epsilon, got "
+            f"{config.dp_budgets!r}"
+        )
+    for name, eps in config.dp_budgets.items():
+        _positive(f"dp_budgets.{name}", eps)
+
+
+def _validate_secure_agg(sa: SecureAggConfig, hospitals: int) -> None:
+    _choice("secure_agg.mode", sa.mode, SECURE_AGG_MODES)
+    _choice("secure_agg.noise", sa.noise, NOISE_KINDS)
+    if not isinstance(sa.dropout_threshold, (int, float)) or not (
+        0 <= sa.dropout_threshold < 1
+    ):
+        raise ValueError(
+            "config field 'secure_agg.dropout_threshold' must be in [0, 1), got "
+            f"{sa.dropout_threshold!r}"
+        )
+    _positive("secure_agg.clip_range", sa.clip_range)
+    _at_least("secure_agg.frac_bits", sa.frac_bits, 1)
+    _positive("secure_agg.stage_timeout_s", sa.stage_timeout_s)
+    if sa.mode != "none" and hospitals < 2:
+        raise ValueError(
+            f"secure aggregation (mode {sa.mode!r}) needs at least 2 hospitals, "
+            f"got {hospitals}; add hospitals or set secure_agg.mode = 'none'"
+        )
+    if sa.noise != "none":
+        if sa.mode == "none":
+            raise ValueError(
+                f"config field 'secure_agg.noise' = {sa.noise!r} needs secure "
+                "aggregation; set secure_agg.mode to 'mask' or 'ckks'"
+            )
+        if sa.noise == "discrete" and sa.mode != "mask":
+            raise ValueError(
+                "discrete noise shares apply to masking only; use "
+                "secure_agg.noise = 'gaussian' with mode 'ckks'"
+            )
+        if sa.noise_sigma is None:
+            raise ValueError(
+                f"config field 'secure_agg.noise' = {sa.noise!r} needs "
+                "secure_agg.noise_sigma (total noise standard deviation)"
+            )
+        _positive("secure_agg.noise_sigma", sa.noise_sigma)
+        if sa.noise_clip_norm is None:
+            raise ValueError(
+                "noise without clipping bounds no sensitivity and gives no "
+                "privacy; set secure_agg.noise_clip_norm"
+            )
+    if sa.noise_clip_norm is not None:
+        _positive("secure_agg.noise_clip_norm", sa.noise_clip_norm)
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:

@@ -21,10 +21,20 @@ and ``centralized`` (``binary_metrics`` on the test patients plus
 ``hospital_nodes`` (Ray node id prefix per hospital), ``phase_seconds``, total
 ``seconds``, ``device`` of aggregation, ``resumed_from``). Non-finite
 numbers become ``None`` so the file is strict JSON.
+
+With DP, ``privacy`` holds the settings and, per hospital, epsilon spent in
+total and per round (at ``delta``) and the rounds it declined with the
+reason. With secure aggregation, ``secure_aggregation`` holds the mode, the
+dropout threshold, where updates were screened and per-round figures. With
+the ledger (on by default), ``ledger`` holds its folder, replicas, head hash,
+block height, what was recorded and excluded, and the command that verifies
+it; the ledger runs as replicated actors for the job's lifetime and is
+stopped with the other actors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from datetime import datetime, timezone
@@ -48,7 +58,10 @@ def run_job(config: RunConfig, faults: dict | None = None) -> dict:
 
     config: a validated or unvalidated ``RunConfig`` (validated here);
         ``config.out`` defaults to ``./runs/<timestamp>``.
-    faults: test-only, ``{hospital_index: actors.hospital.Fault}``.
+    faults: test-only, ``{hospital_index: fault}`` where a fault is an
+        ``actors.hospital.Fault`` (trainer), an
+        ``actors.hospital_agent.AgentFault`` (secure-aggregation agent) or a
+        tuple of both.
     Writes the report (``cluster.report.write_report``) into the output folder.
     """
     from cluster.runtime import ray_session
@@ -57,6 +70,10 @@ def run_job(config: RunConfig, faults: dict | None = None) -> dict:
     if config.out is None:
         config = _with(config, out=default_out())
     out = Path(config.out)
+    if config.ledger.enabled:
+        ledger_dir = Path(config.ledger.dir or out / "ledger").resolve()
+        config = _with(config, ledger=dataclasses.replace(
+            config.ledger, dir=str(ledger_dir)))
     checkpoint_dir = config.checkpoint_dir or str(out / "checkpoint")
     started = time.perf_counter()
 
@@ -94,18 +111,35 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
     group = None
     hospitals: list = []
     coordinator = None
+    service = None
+    ledger_head = None
     try:
         t = time.perf_counter()
-        cpus = trainer_cpus(len(names), session["cpus"], COORDINATOR_CPUS)
+        reserved = COORDINATOR_CPUS
+        if config.ledger.enabled:
+            from actors.ledger_replica import REPLICA_CPUS
+            from cluster.ledger_service import start_ledger
+
+            service = start_ledger(config.ledger.dir, config.ledger.replicas, names)
+            reserved += REPLICA_CPUS * config.ledger.replicas
+        seconds["ledger_start"] = time.perf_counter() - t
+        cpus = trainer_cpus(len(names), session["cpus"], reserved)
         group = reserve_bundles(len(names), cpus, timeout_s=config.ping_timeout_s * 2)
-        hospitals = [
-            HospitalGroup(config, i, name, group, faults.get(i), cpus)
-            for i, name in enumerate(names)
-        ]
+        hospitals = []
+        for i, name in enumerate(names):
+            fault, agent_fault = _split_fault(faults.get(i))
+            hospitals.append(HospitalGroup(config, i, name, group, fault, cpus,
+                                           agent_fault=agent_fault))
+        agents = None
+        if config.secure_agg.mode != "none":
+            agents = {h.name: h.agent for h in hospitals}
         device = "cuda" if cluster_has_gpu() else "cpu"
         coordinator = Coordinator.options(num_gpus=1 if device == "cuda" else 0).remote(
             config, prepared.X_train.shape[1], prepared.X_test, prepared.y_test,
             [(h.name, h.trainer) for h in hospitals], checkpoint_dir, device,
+            agents=agents,
+            ledger_replicas=service.replicas if service is not None else None,
+            ledger_dir=config.ledger.dir if service is not None else None,
         )
         state = ray.get(coordinator.state.remote(), timeout=config.ping_timeout_s * 2)
         hospital_nodes = _await_hospitals(hospitals, config.ping_timeout_s * 4)
@@ -116,6 +150,8 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
         records = ray.get(coordinator.round_records.remote())
         weights = ray.get(coordinator.global_weights.remote())
         seconds["rounds"] = time.perf_counter() - t
+        if service is not None:
+            ledger_head = service.client.head()
 
         t = time.perf_counter()
         federated = baselines.score(config, weights, prepared.X_test, prepared.y_test)
@@ -130,10 +166,12 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
         seconds["baselines"] = time.perf_counter() - t
     finally:
         _shutdown(coordinator, hospitals, group)
+        if service is not None:
+            service.stop()
 
     log.info("federated test AUROC %.4f, centralised %.4f, local-only mean %.4f",
              federated["auroc"], centralized["auroc"], local["mean_auroc"])
-    return {
+    results = {
         "config": to_dict(config),
         "dataset": _dataset_summary(config, prepared),
         "federated": federated,
@@ -150,6 +188,114 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
             "resumed_from": state["resumed_from"],
             "phase_seconds": seconds,
         },
+    }
+    if config.dp is not None:
+        results["privacy"] = privacy_summary(config, names, records)
+    if config.secure_agg.mode != "none":
+        results["secure_aggregation"] = secure_summary(config, records)
+    if service is not None:
+        results["ledger"] = ledger_summary(config, records, ledger_head)
+    return results
+
+
+def _split_fault(fault) -> tuple:
+    """(trainer fault, agent fault) from one fault, a tuple of both, or None."""
+    from actors.hospital import Fault
+
+    items = fault if isinstance(fault, (tuple, list)) else (fault,)
+    trainer = next((f for f in items if isinstance(f, Fault)), None)
+    agent = next((f for f in items
+                  if f is not None and not isinstance(f, Fault)), None)
+    return trainer, agent
+
+
+def privacy_summary(config: RunConfig, names: list[str], records: list[dict]
+                    ) -> dict:
+    """Epsilon per hospital, per round and in total, at the run's delta.
+
+    ``per_hospital``: ``{name: {"epsilon_total", "budget", "rounds_trained",
+    "epsilon_per_round": [{"round", "epsilon_round", "epsilon"}],
+    "declined": [{"round", "reason"}]}}``.
+    """
+    dp = config.dp
+    per: dict[str, dict] = {
+        name: {"epsilon_total": 0.0,
+               "budget": config.dp_budgets.get(name, dp.epsilon),
+               "rounds_trained": 0, "epsilon_per_round": [], "declined": []}
+        for name in names
+    }
+    for rec in records:
+        declined = {d["hospital"]: d["reason"] for d in rec.get("declined", [])}
+        for name, spent in (rec.get("privacy") or {}).items():
+            entry = per[name]
+            entry["epsilon_total"] = max(entry["epsilon_total"], spent["epsilon"])
+            if name not in declined:
+                entry["rounds_trained"] += 1
+                entry["epsilon_per_round"].append({
+                    "round": rec["round"], "epsilon_round": spent["epsilon_round"],
+                    "epsilon": spent["epsilon"]})
+        for name, reason in declined.items():
+            per[name]["declined"].append({"round": rec["round"], "reason": reason})
+    totals = [v["epsilon_total"] for v in per.values()]
+    return {
+        "unit": "one training row (encounter) of one hospital",
+        "delta": dp.delta, "epsilon_budget": dp.epsilon,
+        "noise_multiplier": dp.noise_multiplier,
+        "max_grad_norm": dp.max_grad_norm, "accountant": dp.accountant,
+        "planned_rounds": dp.planned_rounds,
+        "max_epsilon": max(totals) if totals else 0.0,
+        "per_hospital": per,
+    }
+
+
+def secure_summary(config: RunConfig, records: list[dict]) -> dict:
+    """What secure aggregation did over the run, and what it cannot check."""
+    sa = config.secure_agg
+    reports = [r["secure"] for r in records if r.get("secure")]
+    seconds = [s["seconds"] for s in reports if s.get("seconds") is not None]
+    return {
+        "mode": sa.mode,
+        "dropout_threshold": sa.dropout_threshold,
+        "clip_range": sa.clip_range if sa.mode == "mask" else None,
+        "frac_bits": sa.frac_bits if sa.mode == "mask" else None,
+        "noise": sa.noise, "noise_sigma": sa.noise_sigma,
+        "screening": ("in each hospital's agent before masking (shape, finite "
+                      "values, sample count): the coordinator cannot see "
+                      "individual updates"),
+        "rounds": len(reports),
+        "rounds_failed": sum(1 for r in records
+                             if r.get("secure") and r["status"] == "failed"),
+        "mean_seconds": sum(seconds) / len(seconds) if seconds else None,
+        "bytes_in_total": sum(s.get("bytes_in", 0) for s in reports),
+    }
+
+
+def ledger_summary(config: RunConfig, records: list[dict], head: dict | None
+                   ) -> dict:
+    """The ledger's head and what the run recorded and excluded."""
+    ledgers = [r["ledger"] for r in records if r.get("ledger")]
+    excluded = [
+        {"round": r["round"], "hospital": x["hospital"], "reason": x["reason"]}
+        for r in records for x in r["rejected"]
+        if x["reason"].startswith("ledger") or "update_hash" in x["reason"]
+    ]
+    limitation = None
+    if config.secure_agg.mode != "none":
+        limitation = ("under secure aggregation each update hash is the "
+                      "hospital's own statement; the coordinator cannot check "
+                      "it against the masked sum")
+    return {
+        "dir": config.ledger.dir,
+        "replicas": config.ledger.replicas,
+        "head_hash": head["hash"] if head else None,
+        "block_height": head["height"] if head else None,
+        "updates_recorded": sum(len(x["updates"]) for x in ledgers),
+        "global_models_recorded": sum(
+            1 for x in ledgers if x["global_model"] and x["global_model"]["accepted"]),
+        "privacy_spends_recorded": sum(x.get("privacy_spends", 0) for x in ledgers),
+        "excluded_updates": excluded,
+        "verify": f"medfed ledger verify --dir {config.ledger.dir}",
+        "limitation": limitation,
     }
 
 
@@ -242,6 +388,9 @@ def _failures(records: list[dict]) -> list[dict]:
             for item in rec[kind]:
                 out.append({"round": rec["round"], "hospital": item["hospital"],
                             "kind": kind, "reason": item["reason"]})
+        for item in rec.get("declined", []):
+            out.append({"round": rec["round"], "hospital": item["hospital"],
+                        "kind": "declined", "reason": item["reason"]})
         if rec["status"] == "failed":
             out.append({"round": rec["round"], "hospital": None,
                         "kind": "round_failed", "reason": rec["failure"]})
@@ -249,6 +398,4 @@ def _failures(records: list[dict]) -> list[dict]:
 
 
 def _with(config: RunConfig, **changes) -> RunConfig:
-    import dataclasses
-
     return dataclasses.replace(config, **changes)

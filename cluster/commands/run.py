@@ -32,6 +32,17 @@ FLAG_FIELDS = {
     "address": "address",
     "num_cpus": "num_cpus",
     "cache_dir": "cache_dir",
+    "secure_agg": "secure_agg.mode",
+    "dropout_threshold": "secure_agg.dropout_threshold",
+}
+
+# Flag destination -> DPConfig field; any of them (or --dp) turns DP on.
+DP_FLAGS = {
+    "epsilon": "epsilon",
+    "delta": "delta",
+    "noise_multiplier": "noise_multiplier",
+    "max_grad_norm": "max_grad_norm",
+    "accountant": "accountant",
 }
 
 
@@ -69,6 +80,22 @@ def register(sub) -> None:
     p.add_argument("--address", metavar="ADDR", help="Ray cluster to join")
     p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of a local Ray")
     p.add_argument("--cache-dir", metavar="DIR", help="prepared-array cache")
+    p.add_argument("--dp", action="store_true",
+                   help="record-level DP-SGD at every hospital (see --epsilon)")
+    p.add_argument("--epsilon", type=float, metavar="EPS",
+                   help="privacy budget per hospital over the run, at --delta")
+    p.add_argument("--delta", type=float, metavar="D", help="DP delta (1e-5)")
+    p.add_argument("--noise-multiplier", type=float, metavar="Z",
+                   help="fixed DP-SGD noise (default: calibrated from --epsilon)")
+    p.add_argument("--max-grad-norm", type=float, metavar="C",
+                   help="per-row gradient clipping bound")
+    p.add_argument("--accountant", choices=("prv", "rdp"))
+    p.add_argument("--secure-agg", choices=("none", "mask", "ckks"),
+                   help="secure aggregation of the hospitals' updates")
+    p.add_argument("--dropout-threshold", type=float, metavar="F",
+                   help="share of hospitals that may drop from a secure round")
+    p.add_argument("--no-ledger", action="store_true",
+                   help="run without the audit ledger")
     p.set_defaults(func=run_command)
 
 
@@ -82,14 +109,44 @@ def overrides_from(args: argparse.Namespace) -> dict:
         overrides["data.seed"] = args.seed
     if args.resume:
         overrides["resume"] = True
+    if getattr(args, "no_ledger", False):
+        overrides["ledger.enabled"] = False
     return overrides
+
+
+def with_dp_flags(config, args: argparse.Namespace):
+    """``config`` with DP switched on or changed by ``--dp`` and the DP flags.
+
+    Flags override the file's ``[dp]`` table field by field; DPConfig's own
+    checks refuse invalid settings (ValueError naming the setting).
+    """
+    import dataclasses
+
+    from cluster.config import validate
+    from federation.privacy import DPConfig
+
+    given = {
+        field: getattr(args, flag) for flag, field in DP_FLAGS.items()
+        if getattr(args, flag, None) is not None
+    }
+    if not given and not getattr(args, "dp", False):
+        return config
+    settings = dataclasses.asdict(config.dp) if config.dp is not None else {}
+    settings.update(given)
+    try:
+        dp = DPConfig(**settings)
+    except ValueError as exc:
+        raise ValueError(f"DP settings refused: {exc}") from exc
+    config = dataclasses.replace(config, dp=dp)
+    validate(config)
+    return config
 
 
 def run_command(args: argparse.Namespace) -> int:
     from cluster.config import load_config
     from cluster.job import run_job
 
-    config = load_config(args.config, overrides_from(args))
+    config = with_dp_flags(load_config(args.config, overrides_from(args)), args)
     results = run_job(config)
     print(summary_table(results))
     return 0
