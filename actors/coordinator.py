@@ -301,7 +301,11 @@ class Coordinator:
 
         Returns (the updates in the sum, failure reason or None, report).
         The global model changes only when the sum was recovered and at most
-        ``dropout_threshold`` of the hospitals dropped.
+        ``dropout_threshold`` of the hospitals dropped. The masking protocol
+        itself tolerates only as many dropouts as its share threshold allows
+        (a hospital's secrets need ``threshold`` of its ``degree``
+        neighbours); past that it aborts even below ``dropout_threshold``,
+        which is then recorded with the protocol's reason.
         """
         from actors.secure_round import ckks_round, masked_round
         from federation.secagg.config import MaskingConfig
@@ -335,9 +339,13 @@ class Coordinator:
                 )
         except AggregationAborted as exc:
             report["error"] = exc.reason
-            for name, why in (exc.details.get("errors") or {}).items():
+            errors = exc.details.get("errors") or {}
+            for name, why in errors.items():
                 dropped.append(self._drop(r, name, f"secure round: {why}"))
-            return [], f"secure aggregation aborted: {exc.reason}", report
+            lost = [name for name in inputs if name in errors]
+            report["dropped"] = lost
+            return [], (f"{_dropout_note(len(lost), len(inputs), sa)}; secure "
+                        f"aggregation aborted: {exc.reason}"), report
 
         lost = [name for name in inputs if name not in set(survivors)]
         errors = full.get("errors") or {}
@@ -352,12 +360,9 @@ class Coordinator:
             "bytes_out": sum(v.get("bytes_out", 0)
                              for v in (full.get("stages") or {}).values()),
         })
-        share = len(lost) / len(inputs)
         in_sum = [u for u in accepted if u.hospital in set(survivors)]
-        if share > sa.dropout_threshold:
-            return [], (f"{len(lost)} of {len(inputs)} hospitals dropped from the "
-                        f"secure round ({share:.0%} > dropout threshold "
-                        f"{sa.dropout_threshold:.0%})"), report
+        if len(lost) / len(inputs) > sa.dropout_threshold:
+            return [], _dropout_note(len(lost), len(inputs), sa), report
         if len(in_sum) < need:
             return [], (f"quorum not met: {len(in_sum)} in the secure sum, "
                         f"{need} needed"), report
@@ -679,6 +684,14 @@ def sample_hospitals(names: list[str], count: int, seed: int, round: int
     rng = np.random.default_rng([seed, round])
     chosen = rng.choice(len(names), size=count, replace=False)
     return [names[i] for i in sorted(chosen)]
+
+
+def _dropout_note(lost: int, inputs: int, sa) -> str:
+    """One sentence on the share of a secure round's hospitals that dropped."""
+    share = lost / inputs if inputs else 0.0
+    side = ">" if share > sa.dropout_threshold else "<="
+    return (f"{lost} of {inputs} hospitals dropped from the secure round "
+            f"({share:.0%} {side} dropout threshold {sa.dropout_threshold:.0%})")
 
 
 def _classify(answer) -> tuple[str, str | None]:

@@ -15,8 +15,8 @@ into files a clinician-researcher can read:
   centralised and local-only models.
 
 The results schema (``{"config", "dataset", "federated", "centralized",
-"local", "rounds", "bayes_auroc", "failures", "privacy", "ledger",
-"runtime"}``) is described in ``cluster/job.py``, which fills it.
+"local", "rounds", "bayes_auroc", "failures", "privacy",
+"secure_aggregation", "ledger", "runtime"}``) is described in ``cluster/job.py``, which fills it.
 """
 
 from __future__ import annotations
@@ -187,9 +187,11 @@ def render_markdown(results: dict, paths: dict[str, Path] | None = None) -> str:
     lines += _failures_section(results.get("failures") or [])
 
     if results.get("privacy"):
-        lines += _key_values("Privacy", results["privacy"])
+        lines += _privacy_section(results["privacy"])
+    if results.get("secure_aggregation"):
+        lines += _secure_section(results["secure_aggregation"])
     if results.get("ledger"):
-        lines += _key_values("Audit ledger", results["ledger"])
+        lines += _ledger_section(results["ledger"])
     if results.get("runtime"):
         lines += _key_values("Runtime", results["runtime"])
     if results.get("config"):
@@ -290,13 +292,60 @@ def _rounds_section(rounds: list[dict]) -> list[str]:
         auroc = r.get("auroc", (r.get("test") or {}).get("auroc"))
         rows.append([r.get("round"), auroc, r.get("loss"), participants,
                      _who(r.get("dropped")), _who(r.get("rejected")),
-                     r.get("seconds")])
+                     _who(r.get("declined")), r.get("seconds")])
     lines = ["## Rounds", ""]
     return lines + _table(
         ["round", "AUROC (test)", "loss", "hospitals", "dropped", "rejected",
-         "seconds"],
+         "declined", "seconds"],
         rows,
     )
+
+
+def _privacy_section(privacy: dict) -> list[str]:
+    """Epsilon per hospital in total and per round, and the declined rounds."""
+    per = privacy.get("per_hospital") or {}
+    settings = {k: v for k, v in privacy.items() if k != "per_hospital"}
+    lines = ["## Privacy", "",
+             f"Record-level DP-SGD at every hospital; epsilon at delta = "
+             f"{_fmt(privacy.get('delta'))}, privacy unit: "
+             f"{privacy.get('unit', 'one training row')}.", ""]
+    lines += _table(["setting", "value"], _flatten(settings))
+    rows = []
+    for name, h in per.items():
+        steps = ", ".join(_fmt(x.get("epsilon_round"), 2)
+                          for x in h.get("epsilon_per_round", [])) or "none"
+        declined = h.get("declined") or []
+        first = (f"from round {declined[0]['round']}: {declined[0]['reason']}"
+                 if declined else "")
+        rows.append([name, h.get("epsilon_total"), h.get("budget"),
+                     h.get("rounds_trained"), steps, first])
+    lines += _table(["hospital", "epsilon spent", "budget", "rounds trained",
+                     "epsilon per round", "declined"], rows)
+    return lines
+
+
+def _secure_section(secure: dict) -> list[str]:
+    lines = ["## Secure aggregation", "",
+             "The coordinator received only the sum of the hospitals' weighted "
+             "updates; it cannot see individual updates, so each update was "
+             "screened inside its hospital before masking.", ""]
+    return lines + _table(["setting", "value"], _flatten(secure))
+
+
+def _ledger_section(ledger: dict) -> list[str]:
+    lines = ["## Audit ledger", "",
+             f"Head hash `{ledger.get('head_hash')}` at block height "
+             f"{_fmt(ledger.get('block_height'))}, {_fmt(ledger.get('replicas'))} "
+             "replicas. Verify the chain with:", "",
+             f"    {ledger.get('verify')}", ""]
+    rest = {k: v for k, v in ledger.items() if k != "excluded_updates"}
+    lines += _table(["setting", "value"], _flatten(rest))
+    excluded = ledger.get("excluded_updates") or []
+    if excluded:
+        lines += ["Updates excluded because of the ledger:", ""]
+        lines += [f"- round {x['round']}, {x['hospital']}: {x['reason']}"
+                  for x in excluded] + [""]
+    return lines
 
 
 def _failures_section(failures: list) -> list[str]:

@@ -168,6 +168,18 @@ def summary_table(results: dict) -> str:
     lines.append(f"{'local (mean)':<14}{fmt(results['local']['mean_auroc']):>8}")
     if results.get("bayes_auroc") is not None:
         lines.append(f"{'Bayes optimum':<14}{fmt(results['bayes_auroc']):>8}")
+    privacy = results.get("privacy")
+    if privacy:
+        spent = {n: h["epsilon_total"] for n, h in privacy["per_hospital"].items()}
+        declined = [n for n, h in privacy["per_hospital"].items() if h["declined"]]
+        lines.append(
+            f"privacy: max epsilon {max(spent.values(), default=0):.3f} at delta "
+            f"{privacy['delta']:g}; declined: {', '.join(declined) or 'none'}"
+        )
+    ledger = results.get("ledger")
+    if ledger:
+        lines.append(f"ledger head {ledger['head_hash']} at height "
+                     f"{ledger['block_height']}; verify: {ledger['verify']}")
     rounds = results["rounds"]
     ok = sum(r["status"] == "ok" for r in rounds)
     lines.append(
