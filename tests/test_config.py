@@ -135,3 +135,34 @@ def test_a_section_added_later_loads_without_loader_changes():
         from_mapping(_WithSection, {"extra": "on"})
     with pytest.raises(ValueError, match=r"extra\.accountant"):
         from_mapping(_WithSection, {"extra": {"accountant": 3}})
+
+
+def test_privacy_secure_aggregation_and_ledger_tables_load(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        "rounds = 4\n[dp]\nepsilon = 3\naccountant = \"rdp\"\n"
+        "[dp_budgets]\nhospital-02 = 0.5\n"
+        "[secure_agg]\nmode = \"ckks\"\ndropout_threshold = 0.2\n"
+        "[ledger]\nenabled = false\nreplicas = 5\n"
+    )
+    config = load_config(path, {"secure_agg.mode": "mask"})
+    assert config.dp.epsilon == 3.0 and config.dp.accountant == "rdp"
+    assert config.dp.delta == 1e-5
+    assert config.dp_budgets == {"hospital-02": 0.5}
+    assert config.secure_agg.mode == "mask"
+    assert config.secure_agg.dropout_threshold == 0.2
+    assert not config.ledger.enabled and config.ledger.replicas == 5
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[secure_agg]\nmode = \"paillier\"\n", "secure_agg.mode"),
+    ("[secure_agg]\nmode = \"mask\"\ndropout_threshold = 1.0\n",
+     "dropout_threshold"),
+    ("[ledger]\nreplicas = 4\n", "ledger.replicas"),
+    ("[dp]\nepsilon = 2\n[dp_budgets]\nhospital-00 = -1\n", "dp_budgets"),
+])
+def test_bad_secure_aggregation_and_ledger_settings(tmp_path, text, words):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=words):
+        load_config(path)
