@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             settings.update(best["settings"])
 
         for eps in EPSILONS:
-            cfg = dp_config(dataclasses.replace(config, out=str(out / f"dp-eps{eps:g}")),
-                            eps, settings)
+            run_out = str(out / f"dp-eps{eps:g}")
+            cfg = dp_config(dataclasses.replace(config, out=run_out), eps, settings)
             results, seconds = run(cfg)
             row = summarise(f"dp eps={eps:g}", results, seconds, base)
             rows.append(row)

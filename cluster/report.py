@@ -16,7 +16,8 @@ into files a clinician-researcher can read:
 
 The results schema (``{"config", "dataset", "federated", "centralized",
 "local", "rounds", "bayes_auroc", "failures", "privacy",
-"secure_aggregation", "ledger", "runtime"}``) is described in ``cluster/job.py``, which fills it.
+"secure_aggregation", "ledger", "runtime"}``) is described in
+``cluster/job.py``, which fills it.
 """
 
 from __future__ import annotations
