@@ -18,7 +18,8 @@ The Ready/advance contract (the caller's loop)::
     if node.has_ready():
         rd = node.ready()
         storage.save(rd.snapshot, rd.entries, rd.hard_state)  # 1. persist...
-        storage.fsync()                                        #    ...and sync
+        if rd.must_sync:
+            storage.fsync()                                    #    ...and sync
         transport.send(rd.messages)                            # 2. then send
         state_machine.apply(rd.snapshot, rd.committed_entries) # 3. then apply
         node.advance(rd)                                       # 4. acknowledge
@@ -447,6 +448,9 @@ class RaftNode:
             leader=self.lead,
             role=self.role,
             term=self.term,
+            must_sync=bool(entries)
+            or self._pending_snapshot is not None
+            or hs[:2] != self._persisted_hs[:2],
         )
         self._msgs = []
         self._in_ready = _Pending(hs if hard_state is not None else None)

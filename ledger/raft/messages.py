@@ -119,6 +119,8 @@ class Ready:
     4. Call `node.advance(ready)`.
 
     `leader` and `role` are informational (no persistence needed).
+    `must_sync` is False when step 1 wrote at most a new commit index, which
+    may be written without waiting for fsync (losing it is harmless).
     """
 
     hard_state: HardState | None
@@ -129,10 +131,4 @@ class Ready:
     leader: int | None
     role: Role
     term: int
-
-    @property
-    def must_sync(self) -> bool:
-        """True when step 1 wrote anything that must be fsynced before sending."""
-        return bool(self.entries) or self.snapshot is not None or (
-            self.hard_state is not None
-        )
+    must_sync: bool = True
