@@ -39,8 +39,8 @@ choices (1 % threshold, no specialty or payer) and 0.666 after;
 only each patient's first encounter, the full set of 23 medication columns
 or a 2 % threshold did not help.
 
-`PREPROCESS_VERSION` changes whenever the features change, so that a cache
-keyed by it is not reused across versions.
+`clinical.spec.PREPROCESS_VERSION` changes whenever the features change, so
+that a cache keyed by it is not reused across versions.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 
 from clinical.errors import DataError
+from clinical.spec import PREPROCESS_VERSION
 from clinical.split import split_by_patient
 
 __all__ = [
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 
 # Version 1: 1 % threshold, no specialty or payer (100 columns).
 # Version 2: 0.2 % threshold, medical specialty and payer code added.
-PREPROCESS_VERSION = 2
 
 DEATH_OR_HOSPICE = (11, 13, 14, 19, 20, 21)
 TARGETS = ("readmit30", "readmit_any")

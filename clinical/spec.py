@@ -13,8 +13,12 @@ from dataclasses import dataclass
 DATASETS = ("diabetes130", "synthetic")
 TARGETS = ("readmit30", "readmit_any")
 PARTITIONS = ("iid", "dirichlet", "natural")
-# Bump when preparation changes, so old caches are not reused.
+# Bump when the cache layout changes, so old caches are not reused.
 FORMAT_VERSION = 1
+# Bump whenever `clinical.preprocess` changes the features it produces. It
+# lives here, not in that module, so that computing a cache key inside a
+# hospital actor does not import pandas.
+PREPROCESS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class DataSpec:
         ``path=None`` hashes as None, not as the directory
         ``$MEDFED_DATA_DIR`` happens to name.
         """
-        text = json.dumps({"format": FORMAT_VERSION, **self.to_dict()},
+        versions = {"format": FORMAT_VERSION, "preprocess": PREPROCESS_VERSION}
+        text = json.dumps({**versions, **self.to_dict()},
                           sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
