@@ -203,7 +203,7 @@ class HospitalTrainer:
         Returns a ``Declined`` instead when the privacy budget would be
         exceeded; nothing is trained then.
         """
-        from federation.aggregation import Update
+        from federation.updates import Update
         from federation.privacy import BudgetExhausted
 
         self._inject_before(round)

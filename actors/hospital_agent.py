@@ -34,13 +34,10 @@ Test-only fault injection: ``AgentFault`` (constructor or ``inject_fault``)
 makes the agent raise, exit its process or stall at a chosen stage. It
 exists to test dropout handling and is never set by a real run.
 
-Known shortcomings: the agent imports ``federation.secagg`` (whose package
-import loads torch through ``federation.secagg.modsum``) and
-``federation.distributed_dp`` (opacus, hence torch), so an agent process
-pays torch's import memory although it never uses torch. The agent is not
-restarted (``max_restarts=0``): a replacement has lost the round state, the
-identity key (unless one was passed in) and, on the key holder, the CKKS
-secret key, so hospitals must re-encrypt under the new public context.
+Known shortcoming: the agent is not restarted (``max_restarts=0``): a
+replacement has lost the round state, the identity key (unless one was
+passed in) and, on the key holder, the CKKS secret key, so hospitals must
+re-encrypt under the new public context.
 """
 
 from __future__ import annotations
@@ -321,7 +318,7 @@ class HospitalAgent:
                     "declined": getattr(update, "reason", str(update)),
                     "privacy": getattr(update, "privacy", None)}
         if dim is not None:
-            from federation.aggregation import check_update
+            from federation.updates import check_update
 
             # The coordinator never sees this update, so it is screened here.
             reason = check_update(update, dim, expected_round=round)
