@@ -2,8 +2,9 @@
 
 Each round: sample a share of the hospitals (seeded by run seed and round, so
 a resumed run samples the same), ping them (a restarted hospital rejoins once
-it answers), broadcast the global weights once (``ray.put``), wait for
-updates up to the round timeout, screen them
+it answers; the pings leave at the end of the previous round, so they cost
+no round trip of their own), broadcast the global weights once
+(``ray.put``), wait for updates up to the round timeout, screen them
 (``federation.aggregation.check_update``), and aggregate the accepted ones if
 there are at least ``quorum`` of them. A hospital that raises, dies or times
 out is dropped from that round with the reason recorded; a round without
@@ -70,7 +71,9 @@ PING_RETRY_S = 0.5
 class Coordinator:
     """Runs the rounds of one federated job.
 
-    config: ``cluster.config.RunConfig``.
+    config: ``cluster.config.RunConfig``, best sent as
+        ``actors.settings.for_actors(config)`` (a light copy whose unpickling
+        does not import the privacy stack).
     n_features: input width of the model.
     X_test, y_test: held-out patients that score the global model each round.
     hospitals: ``[(name, trainer_handle)]`` in hospital index order.
@@ -99,6 +102,7 @@ class Coordinator:
     ) -> None:
         import torch
 
+        from actors.scoring import Scorer
         from federation.aggregation import build_strategy
         from federation.models import build_model, get_weights
 
@@ -111,6 +115,8 @@ class Coordinator:
         self.device = device
         self.X_test = X_test
         self.y_test = y_test
+        # Built once: every round scores the global model on these patients.
+        self._test_scorer = Scorer(config.model, X_test, y_test, hidden=config.hidden)
         self.hospitals = list(hospitals)
         self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME
         options = {}
@@ -181,7 +187,12 @@ class Coordinator:
         (mode, survivors, dropped, seconds and bytes of the secure round;
         None in the clear), ``ledger`` (``round_open``, ``updates``
         ``{hospital: update hash}`` accepted by the ledger, ``global_model``
-        entry outcome; None without ledger) and ``seconds``.
+        entry outcome; None without ledger), ``seconds`` and
+        ``phase_seconds`` (where they went: ``ping``, ``train`` (opening
+        the round on the ledger, sending the weights, waiting for the
+        updates), ``aggregate`` (screening, ledger, aggregation) and
+        ``score`` (the test patients)); the checkpoint written after the
+        record is not counted.
         """
         from federation.aggregation import RoundFailed, Update, check_update
 
@@ -189,6 +200,7 @@ class Coordinator:
         r = self.round + 1
         sampled = self._sample(r)
         reachable, dropped = self._ping(sampled)
+        phases = {"ping": time.perf_counter() - started}
         secure = self.agents is not None
         ledger_record = None
         failure = None
@@ -214,6 +226,7 @@ class Coordinator:
                 for name, handle in reachable
             }
         answers, late = self._collect(calls, dropped)
+        phases["train"] = time.perf_counter() - started - phases["ping"]
 
         updates, rejected, declined, privacy = [], [], [], {}
         for name, answer in answers:
@@ -281,16 +294,21 @@ class Coordinator:
         elif self._ledger is not None:
             self._ledger_global(r, accepted, ledger_record)
 
+        scoring = time.perf_counter()
+        phases["aggregate"] = scoring - started - phases["ping"] - phases["train"]
         record = self._record(r, sampled, accepted, dropped, rejected, need, failure)
+        phases["score"] = time.perf_counter() - scoring
         record["declined"] = declined
         record["late"] = late
         record["privacy"] = privacy
         record["secure"] = secure_report
         record["ledger"] = ledger_record
         record["seconds"] = time.perf_counter() - started
+        record["phase_seconds"] = phases
         self.round = r
         self.records.append(record)
         self._checkpoint()
+        self._ping_ahead()
         return record
 
     # --- secure aggregation ----------------------------------------------
@@ -492,7 +510,8 @@ class Coordinator:
         pinged again every ``PING_RETRY_S`` until ``ping_timeout_s``, so a
         restarted hospital rejoins as soon as its partition is reloaded. A
         ping still pending from an earlier round is reused, so a stalled
-        hospital does not pile up pings.
+        hospital does not pile up pings; so is one sent ahead at the end of
+        the previous round (``_ping_ahead``).
         """
         r = self.round + 1
         handles = dict(self.hospitals)
@@ -540,6 +559,22 @@ class Coordinator:
         reachable = [(n, handles[n]) for n in sampled if n in answered]
         return reachable, dropped
 
+    def _ping_ahead(self) -> None:
+        """Sends the next round's liveness checks now, without waiting.
+
+        ``_ping`` reuses a pending or answered ping, so the next round does
+        not wait one more round trip before training. A hospital that
+        answered and then died before the next round's call is dropped from
+        that round by the failed call (as one dying between ping and call
+        always was) and pinged again, with retries, in the round after.
+        """
+        if self.round >= self.config.rounds:
+            return
+        handles = dict(self.hospitals)
+        for name in self._sample(self.round + 1):
+            if name not in self._pings:
+                self._pings[name] = handles[name].ping.remote()
+
     def _drop(self, r: int, name: str, reason: str) -> dict:
         log.warning("round %d: %s dropped: %s", r, name, reason)
         return {"hospital": name, "reason": reason}
@@ -581,13 +616,9 @@ class Coordinator:
         return updates, late
 
     def _record(self, r, sampled, accepted, dropped, rejected, need, failure) -> dict:
-        from federation.metrics import binary_metrics
         from federation.models import weights_hash
-        from federation.training import predict_proba
 
-        p = predict_proba(self.config.model, self.weights, self.X_test,
-                          hidden=self.config.hidden)
-        test = binary_metrics(self.y_test, p)
+        test = self._test_scorer.metrics(self.weights)
         test.pop("calibration", None)
         total = sum(int(u.num_samples) for u in accepted)
         losses = [(u.metrics.get("loss"), u.num_samples) for u in accepted

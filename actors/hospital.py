@@ -53,6 +53,8 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.settings import for_actors
+
 log = logging.getLogger(__name__)
 
 # A trainer is a small single-threaded model fit: ten hospitals share 2 CPUs.
@@ -111,7 +113,9 @@ class HospitalTrainer:
     """One hospital's trainer actor; its patient rows never leave the process.
 
     config: the run's ``cluster.config.RunConfig`` (data spec and training
-        settings); index: which hospital partition to load.
+        settings), best sent as ``actors.settings.for_actors(config)`` so
+        the actor process does not import the privacy stack for nothing;
+        index: which hospital partition to load.
     fault: test-only failure injection (see ``Fault``); ``None`` in real runs.
     """
 
@@ -131,6 +135,13 @@ class HospitalTrainer:
         self._data = load_hospital(config.data, index, cache_dir=config.cache_dir)
         self.name = self._data.name
         self._trainer = self._make_trainer()
+        self._val_scorer = None
+        if len(self._data.y_val):
+            from actors.scoring import Scorer
+
+            # Built once: fit scores every local model on these patients.
+            self._val_scorer = Scorer(config.model, self._data.X_val,
+                                      self._data.y_val, hidden=config.hidden)
         self._signer = self._load_signer()
         self._incarnation = f"{os.getpid()}-{time.time_ns()}"
         log.info(
@@ -204,7 +215,14 @@ class HospitalTrainer:
         exceeded; nothing is trained then.
         """
         from federation.updates import Update
-        from federation.privacy import BudgetExhausted
+
+        # Only a private trainer can run out of budget; importing the privacy
+        # module (Opacus, SciPy) in every hospital of a non-private run would
+        # cost seconds and ~100 MB per process.
+        if self._config.dp is not None:
+            from federation.privacy import BudgetExhausted
+        else:
+            BudgetExhausted = _NeverRaised
 
         self._inject_before(round)
 
@@ -336,15 +354,20 @@ class HospitalTrainer:
         return (initial + result.delta).astype(np.float32)
 
     def _validate(self, weights: np.ndarray) -> dict:
-        if len(self._data.y_val) == 0:
+        if self._val_scorer is None:
             return {"auroc": math.nan, "loss": math.nan}
         try:
-            return self._trainer.evaluate(weights, self._data.X_val, self._data.y_val)
+            # What the trainer's evaluate computes, without rebuilding a model.
+            return self._val_scorer.metrics(weights, loss=True)
         except ValueError as exc:
             # A diverged local model (non-finite outputs) cannot be scored;
             # the coordinator's update screening decides what happens to it.
             log.warning("%s: local validation failed: %s", self.name, exc)
             return {"auroc": math.nan, "loss": math.nan}
+
+
+class _NeverRaised(Exception):
+    """Stands for ``BudgetExhausted`` where no privacy budget exists."""
 
 
 def _configure_logging() -> None:
@@ -429,7 +452,11 @@ class HospitalGroup:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=index,
             )
-        self.trainer = HospitalTrainer.options(**options).remote(config, index, fault)
+        # A light copy: unpickling a RunConfig would load the privacy stack.
+        settings = for_actors(config)
+        self.trainer = HospitalTrainer.options(**options).remote(
+            settings, index, fault
+        )
         self.agent = None
         if secure:
             from actors.hospital_agent import HospitalAgent, noise_from_config

@@ -120,6 +120,9 @@ class RunConfig:
         the budget of the hospitals named (``{"hospital-03": 0.5}``); the
         noise stays calibrated to ``dp``.
     secure_agg: see ``SecureAggConfig``. ledger: see ``LedgerConfig``.
+    baselines: also train the centralised and local-only yardsticks after
+        the rounds (default True); False skips both, and the results hold
+        None for ``centralized`` and ``local``.
     """
 
     data: DataSpec = field(default_factory=DataSpec)
@@ -149,6 +152,7 @@ class RunConfig:
     dp_budgets: dict[str, float] = field(default_factory=dict)
     secure_agg: SecureAggConfig = field(default_factory=SecureAggConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    baselines: bool = True
 
     def sampled_per_round(self) -> int:
         """Hospitals asked to train each round: ``fraction`` of them, at least one."""

@@ -4,7 +4,8 @@
 joined cluster): it prepares the data once on the driver (the on-disk cache
 lets every hospital actor load its own partition quickly), starts one
 ``HospitalGroup`` per hospital and a ``Coordinator``, runs the rounds,
-trains the centralised and local-only baselines, builds the results and
+trains the centralised and local-only baselines (unless ``baselines`` is
+off), builds the results and
 writes the report. Every actor and the placement group it started are ended
 on success, on error and on Ctrl-C; a local Ray instance is shut down.
 
@@ -13,12 +14,16 @@ Results schema (also ``metrics.json``): ``config``, ``dataset`` (``name``,
 ``features``, ``hospitals`` from ``clinical.Prepared``, ...), ``federated``
 and ``centralized`` (``binary_metrics`` on the test patients plus
 ``weights_hash``), ``local`` (``mean_auroc``, ``per_hospital``: see
-``cluster.baselines.local_only``), ``rounds`` (one record per round, see
+``cluster.baselines.local_only``; ``centralized`` and ``local`` are None
+when ``config.baselines`` is False), ``rounds`` (one record per round, see
 ``Coordinator.run_round``; restored ones included after a resume),
 ``bayes_auroc`` (synthetic data only, else None), ``failures`` (``[{"round",
 "hospital", "kind", "reason"}]``, kind ``dropped``/``rejected``/
 ``round_failed``/``baseline``) and ``runtime`` (``ray`` session summary,
-``hospital_nodes`` (Ray node id prefix per hospital), ``phase_seconds``, total
+``hospital_nodes`` (Ray node id prefix per hospital), ``phase_seconds``
+(``prepare``, ``ledger_start``, ``start``, ``rounds``, ``baselines``,
+``ray_start``, ``ray_stop``), ``baselines`` (whether they were trained or
+skipped, in words), total
 ``seconds``, ``device`` of aggregation, ``resumed_from``). Non-finite
 numbers become ``None`` so the file is strict JSON.
 
@@ -46,6 +51,11 @@ import ray
 from cluster.config import RunConfig, to_dict, validate
 
 log = logging.getLogger(__name__)
+
+# How ``runtime.baselines`` (shown in the report's runtime section) reads.
+BASELINES_RUN = "trained: centralised and local-only"
+BASELINES_SKIPPED = ("skipped (baselines = false / --no-baselines): no "
+                     "centralised or local-only model was trained")
 
 
 def default_out() -> str:
@@ -78,14 +88,21 @@ def run_job(config: RunConfig, faults: dict | None = None) -> dict:
     started = time.perf_counter()
 
     with ray_session(config.address, config.num_cpus) as session:
+        ray_start = time.perf_counter() - started
         results = _federate(config, checkpoint_dir, faults or {}, session)
+        stopping = time.perf_counter()
+    phases = results["runtime"]["phase_seconds"]
+    phases["ray_start"] = ray_start
+    phases["ray_stop"] = time.perf_counter() - stopping
     results["runtime"]["seconds"] = time.perf_counter() - started
 
     from cluster.report import json_safe, write_report
 
+    t = time.perf_counter()
     results = json_safe(results)
     write_report(out, results)
-    log.info("results and report written to %s", out)
+    log.info("results and report written to %s (%.1f s)", out,
+             time.perf_counter() - t)
     return results
 
 
@@ -94,6 +111,7 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
     """Everything that needs Ray; ends every actor it starts, whatever happens."""
     from actors.coordinator import COORDINATOR_CPUS, Coordinator
     from actors.hospital import HospitalGroup, reserve_bundles, trainer_cpus
+    from actors.settings import for_actors
     from clinical.prepared import prepare
     from cluster import baselines
     from cluster.runtime import cluster_has_gpu
@@ -135,7 +153,8 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
             agents = {h.name: h.agent for h in hospitals}
         device = "cuda" if cluster_has_gpu() else "cpu"
         coordinator = Coordinator.options(num_gpus=1 if device == "cuda" else 0).remote(
-            config, prepared.X_train.shape[1], prepared.X_test, prepared.y_test,
+            for_actors(config), prepared.X_train.shape[1], prepared.X_test,
+            prepared.y_test,
             [(h.name, h.trainer) for h in hospitals], checkpoint_dir, device,
             agents=agents,
             ledger_replicas=service.replicas if service is not None else None,
@@ -157,20 +176,25 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
         federated = baselines.score(config, weights, prepared.X_test, prepared.y_test)
         federated["weights_hash"] = weights_hash(weights)
         federated["rounds_ok"] = sum(r["status"] == "ok" for r in records)
-        centralized = baselines.centralized(config, prepared)
-        centralized["weights_hash"] = weights_hash(centralized.pop("weights"))
-        baseline_timeout = config.round_timeout_s * max(1, config.rounds)
-        local, baseline_failures = baselines.local_only(
-            config, prepared, hospitals, weights, baseline_timeout
-        )
+        centralized, local, baseline_failures = None, None, []
+        if config.baselines:
+            centralized = baselines.centralized(config, prepared)
+            centralized["weights_hash"] = weights_hash(centralized.pop("weights"))
+            baseline_timeout = config.round_timeout_s * max(1, config.rounds)
+            local, baseline_failures = baselines.local_only(
+                config, prepared, hospitals, weights, baseline_timeout
+            )
         seconds["baselines"] = time.perf_counter() - t
     finally:
         _shutdown(coordinator, hospitals, group)
         if service is not None:
             service.stop()
 
-    log.info("federated test AUROC %.4f, centralised %.4f, local-only mean %.4f",
-             federated["auroc"], centralized["auroc"], local["mean_auroc"])
+    if config.baselines:
+        log.info("federated test AUROC %.4f, centralised %.4f, local-only mean %.4f",
+                 federated["auroc"], centralized["auroc"], local["mean_auroc"])
+    else:
+        log.info("federated test AUROC %.4f; baselines skipped", federated["auroc"])
     results = {
         "config": to_dict(config),
         "dataset": _dataset_summary(config, prepared),
@@ -187,6 +211,7 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
             "device": state["device"],
             "resumed_from": state["resumed_from"],
             "phase_seconds": seconds,
+            "baselines": (BASELINES_RUN if config.baselines else BASELINES_SKIPPED),
         },
     }
     if config.dp is not None:

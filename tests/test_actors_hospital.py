@@ -127,3 +127,72 @@ def test_per_round_settings_apply_to_that_round_only(group, config):
     tiny = ray.get(group.trainer.fit.remote(1, initial, 1, {"lr": 1e-6}))
     normal = ray.get(group.trainer.fit.remote(2, initial, 1))
     assert np.abs(tiny.delta).sum() * 1000 < np.abs(normal.delta).sum()
+
+
+def test_group_actors_do_not_load_the_privacy_stack_without_dp(group):
+    # The settings a hospital receives must not drag Opacus into its process.
+    loaded = ray.get(group.trainer.__ray_call__.remote(
+        lambda self: sorted(m for m in __import__("sys").modules
+                            if m.split(".")[0] in ("opacus", "cluster"))))
+    assert loaded == []
+
+
+def test_actor_settings_mirror_the_run_config():
+    import pickle
+    import subprocess
+    import sys
+
+    from actors.settings import ActorSettings, for_actors
+    from cluster.config import SecureAggConfig
+    from federation.privacy import DPConfig
+
+    for fraction in (0.1, 0.35, 0.5, 1.0):
+        for quorum in (0.3, 0.5, 0.99, 1.0, 2.0):
+            run = RunConfig(data=DataSpec(hospitals=7), fraction=fraction,
+                            quorum=quorum)
+            settings = for_actors(run)
+            assert settings.sampled_per_round() == run.sampled_per_round()
+            for sampled in (1, 3, 7):
+                assert settings.quorum_count(sampled) == run.quorum_count(sampled)
+
+    run = RunConfig(dp=DPConfig(epsilon=3.0), dp_budgets={"hospital-01": 1.0},
+                    secure_agg=SecureAggConfig(mode="mask", clip_range=2.0))
+    settings = for_actors(run)
+    assert isinstance(settings.secure_agg, ActorSettings)
+    assert settings.secure_agg.mode == "mask" and settings.secure_agg.clip_range == 2.0
+    assert settings.ledger.enabled is True and settings.data == run.data
+    assert settings.dp == run.dp and settings.dp_budgets == run.dp_budgets
+    assert for_actors(settings) is settings
+    with pytest.raises(TypeError, match="RunConfig"):
+        for_actors({"rounds": 3})
+
+    # Unpickled elsewhere, a run without DP needs neither cluster.config
+    # nor the privacy module.
+    blob = pickle.dumps(for_actors(RunConfig()))
+    code = ("import pickle, sys; s = pickle.loads(sys.stdin.buffer.read()); "
+            "print(s.ledger.enabled, sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('opacus', 'cluster')))")
+    out = subprocess.run([sys.executable, "-c", code], input=blob,
+                         capture_output=True, check=True).stdout.decode()
+    assert out.split() == ["True", "[]"]
+
+
+@pytest.mark.parametrize("model", ["logreg", "mlp"])
+def test_scorer_matches_the_trainers_evaluate(model):
+    from actors.scoring import Scorer
+    from federation.training import LocalTrainer, predict_proba
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(500, 6)).astype(np.float32)
+    y = (X[:, 0] + rng.normal(size=500) > 0).astype(np.float32)
+    trainer = LocalTrainer(model, X, y, hidden=8, lr=0.3)
+    start = get_weights(build_model(model, 6, 8, seed=2))
+    scorer = Scorer(model, X[:200], y[:200], hidden=8)
+    for weights in (start, start + trainer.fit(start, 2).delta):
+        assert np.array_equal(scorer.proba(weights),
+                              predict_proba(model, weights, X[:200], hidden=8))
+        assert scorer.metrics(weights, loss=True) == trainer.evaluate(
+            weights, X[:200], y[:200])
+    assert "loss" not in scorer.metrics(start)
+    with pytest.raises(ValueError, match="weight vector"):
+        scorer.proba(start[:-1])

@@ -166,3 +166,24 @@ def test_bad_secure_aggregation_and_ledger_settings(tmp_path, text, words):
     path.write_text(text)
     with pytest.raises(ValueError, match=words):
         load_config(path)
+
+
+def test_baselines_switch_from_file_and_flag(tmp_path):
+    import argparse
+
+    from cluster.commands.run import overrides_from, register
+
+    assert RunConfig().baselines is True
+    path = tmp_path / "run.toml"
+    path.write_text("baselines = false\n")
+    assert load_config(path).baselines is False
+    with pytest.raises(ValueError, match="baselines must be bool"):
+        path.write_text("baselines = \"no\"\n")
+        load_config(path)
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    flagged = parser.parse_args(["run", "--no-baselines"])
+    assert load_config(None, overrides_from(flagged)).baselines is False
+    plain = parser.parse_args(["run"])
+    assert load_config(None, overrides_from(plain)).baselines is True

@@ -100,3 +100,25 @@ def test_a_failed_round_stops_or_continues_per_config(ray_local, policy, rounds_
     coordinator.run_round = type("Method", (), {"remote": staticmethod(run_round)})()
     _run_rounds(RunConfig(rounds=4, on_round_failure=policy), coordinator, 0)
     assert len(calls) == rounds_run
+
+
+def test_no_baselines_skips_them_and_says_so(ray_local, tmp_path, capsys):
+    config = tmp_path / "small.toml"
+    config.write_text(
+        "rounds = 1\nlr = 1.0\n"
+        "[data]\ndataset = \"synthetic\"\nhospitals = 2\nsynthetic_patients = 2000\n"
+    )
+    out = tmp_path / "out"
+    code = main(["run", str(config), "--out", str(out), "--num-cpus", "2",
+                 "--cache-dir", str(tmp_path / "cache"), "--no-baselines",
+                 "--no-ledger"])
+    assert code == 0
+
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["config"]["baselines"] is False
+    assert results["centralized"] is None and results["local"] is None
+    assert 0.5 < results["federated"]["auroc"] <= 1.0
+    assert results["runtime"]["baselines"].startswith("skipped")
+    assert "skipped" in (out / "report.md").read_text()
+    printed = capsys.readouterr().out
+    assert "centralised" in printed and "skipped" in printed

@@ -96,6 +96,8 @@ def register(sub) -> None:
                    help="share of hospitals that may drop from a secure round")
     p.add_argument("--no-ledger", action="store_true",
                    help="run without the audit ledger")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the centralised and local-only comparison models")
     p.set_defaults(func=run_command)
 
 
@@ -111,6 +113,8 @@ def overrides_from(args: argparse.Namespace) -> dict:
         overrides["resume"] = True
     if getattr(args, "no_ledger", False):
         overrides["ledger.enabled"] = False
+    if getattr(args, "no_baselines", False):
+        overrides["baselines"] = False
     return overrides
 
 
@@ -163,9 +167,15 @@ def summary_table(results: dict) -> str:
     ]
     lines = [f"{'model':<14}{'AUROC':>8}{'AUPRC':>8}{'Brier':>8}{'ECE':>8}"]
     for label, m in rows:
+        if m is None:
+            # Baselines switched off (--no-baselines).
+            lines.append(f"{label:<14}{'skipped':>8}")
+            continue
         lines.append(f"{label:<14}{fmt(m.get('auroc')):>8}{fmt(m.get('auprc')):>8}"
                      f"{fmt(m.get('brier')):>8}{fmt(m.get('ece')):>8}")
-    lines.append(f"{'local (mean)':<14}{fmt(results['local']['mean_auroc']):>8}")
+    local = results.get("local")
+    local_auroc = fmt(local["mean_auroc"]) if local is not None else "skipped"
+    lines.append(f"{'local (mean)':<14}{local_auroc:>8}")
     if results.get("bayes_auroc") is not None:
         lines.append(f"{'Bayes optimum':<14}{fmt(results['bayes_auroc']):>8}")
     privacy = results.get("privacy")
