@@ -2,7 +2,8 @@
 
 `ray_session` is the one place that starts or joins Ray. A local instance
 binds 127.0.0.1 only and gets an explicit CPU count, so a laptop run never
-exposes Ray on the network and never oversubscribes a small machine. Joining
+exposes Ray on the network and never oversubscribes a small machine; it
+reports no usage statistics (see ``_quiet_local_instance``). Joining
 an existing cluster (``address`` or ``$RAY_ADDRESS``) leaves that cluster
 running when the job ends; a local instance started here is always shut
 down, on success, on error and on Ctrl-C.
@@ -55,6 +56,7 @@ def ray_session(
     started_local = address is None
     if started_local:
         _pin_to_loopback()
+        _quiet_local_instance()
         kwargs = dict(
             # "local" always starts a new instance; without it ray.init
             # attaches to any instance that `ray start` left on this machine.
@@ -95,6 +97,17 @@ def _pin_to_loopback() -> None:
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _quiet_local_instance() -> None:
+    """Turns off Ray's usage-statistics reporting for a local instance.
+
+    A job on patient data has no business sending anything off the machine,
+    and with the dashboard off, usage reporting is all the dashboard process
+    would do. Ray reads the switch from the environment of every process it
+    starts; an explicit ``RAY_USAGE_STATS_ENABLED`` set by the user is kept.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def _summary(ray, local: bool, started: bool) -> dict:

@@ -34,3 +34,9 @@ def test_local_instance_binds_loopback_only(ray_local):
     assert addresses == {"127.0.0.1"}
     assert ray_local["cpus"] == 2.0
     assert ray_local["address"].startswith("127.0.0.1:")
+
+
+def test_local_instance_reports_no_usage_statistics(ray_local):
+    from ray._common.usage import usage_lib
+
+    assert not usage_lib.usage_stats_enabled()
