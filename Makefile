@@ -1,5 +1,6 @@
 # Two commands on a fresh machine:  `make run`  and  `make test`.
-# Both create .venv, install the pinned CPU build of PyTorch first, then medfed.
+# Both create .venv, install the pinned PyTorch first (PyPI's Linux wheel is
+# the CUDA build; TORCH_PIP_ARGS below selects the CPU one), then medfed.
 
 PYTHON ?= python3
 VENV ?= .venv
