@@ -325,6 +325,15 @@ def verify_proof(proof: dict, root: str | None = None) -> bool:
     ``ValueError`` when the proof is not a proof at all (missing or mistyped
     fields); returns False when it is one but does not verify.
     """
+    return proof_problem(proof, root) is None
+
+
+def proof_problem(proof: dict, root: str | None = None) -> str | None:
+    """Why ``proof`` does not show its entry under ``root``, or None when it does.
+
+    Same checks and ``ValueError`` as ``verify_proof``; the reason names the
+    first check that failed, with the values involved.
+    """
     if not isinstance(proof, dict):
         raise ValueError(f"a proof is a JSON object, got {type(proof).__name__}")
     missing = [f for f in _PROOF_FIELDS if f not in proof]
@@ -344,15 +353,44 @@ def verify_proof(proof: dict, root: str | None = None) -> bool:
 
     claimed = proof["entry_id"]
     if entry_id(raw) != claimed or proof["leaf"]["entry_id"] != claimed:
-        return False
+        return (f"the entry bytes hash to {entry_id(raw)}, not the claimed entry "
+                f"id {claimed}")
     if header.get("merkle_root") != proof["merkle_root"] or header.get("count") != size:
-        return False
+        return "the block header's Merkle root or entry count differs from the proof's"
     if hash_header(header) != proof["block_hash"]:
-        return False
-    trusted = (proof["merkle_root"], proof["block_hash"])
-    if root is not None and root.lower() not in trusted:
-        return False
-    return merkle.verify_inclusion(leaf, index, size, path, expected)
+        return (f"the block header hashes to {hash_header(header)}, not the "
+                f"proof's block hash {proof['block_hash']}")
+    if root is not None and root.lower() not in (proof["merkle_root"],
+                                                 proof["block_hash"]):
+        return (f"root {root} matches neither the proof's block hash "
+                f"{proof['block_hash']} nor its Merkle root {proof['merkle_root']}")
+    if not merkle.verify_inclusion(leaf, index, size, path, expected):
+        return (f"the Merkle path from leaf {index} of {size} does not lead to "
+                f"root {proof['merkle_root']}")
+    return None
+
+
+def proof_on_chain(proof: dict, blocks: list[Block]) -> str | None:
+    """Why the proof's block is not among ``blocks``, or None when it is.
+
+    ``blocks`` must come from a chain already checked with ``verify``; the
+    proof's block must stand there at its claimed height with its claimed
+    hash. This says nothing about the Merkle path; use ``proof_problem``.
+    """
+    try:
+        height = int(proof["block"]["height"])
+        claimed = str(proof["block_hash"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"malformed proof: {exc}") from exc
+    by_height = {b.height: b.hash for b in blocks}
+    if height not in by_height:
+        span = (f"heights {min(by_height)}-{max(by_height)}" if by_height
+                else "no blocks")
+        return f"the ledger has no block {height} (it holds {span})"
+    if by_height[height] != claimed:
+        return (f"block {height} of the ledger has hash {by_height[height]}, "
+                f"not the proof's {claimed}")
+    return None
 
 
 def read_blocks(path: str | Path) -> tuple[list[Block], str | None]:

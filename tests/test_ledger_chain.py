@@ -320,3 +320,96 @@ def test_ledger_refuses_a_chain_of_another_genesis(tmp_path, consortium):
         Ledger(tmp_path / "r", other.genesis)
     with pytest.raises(ValueError, match="already exists"):
         make_consortium(tmp_path / "other", hospitals=1)
+
+
+def _proof_setup(tmp_path, consortium, capsys):
+    """Two replicas of one ledger, a proof file of an entry in block 2, the block."""
+    batches = make_batches(consortium.signers)
+    (tmp_path / "genesis.json").write_text(
+        (consortium.dir / "genesis.json").read_text())
+    for name in ("replica-0", "replica-1"):
+        build(tmp_path / name, consortium.genesis, batches).close()
+    block = read_blocks(tmp_path / "replica-0")[0][1]
+    proof_file = tmp_path / "proof.json"
+    assert medfed(["ledger", "prove", "--dir", str(tmp_path), block.entries[1].id,
+                   "--out", str(proof_file)]) == 0
+    return proof_file, block, capsys.readouterr().out
+
+
+def test_cli_prove_prints_full_hashes_and_how_to_check(tmp_path, consortium, capsys):
+    proof_file, block, out = _proof_setup(tmp_path, consortium, capsys)
+
+    assert block.entries[1].id in out
+    assert f"block height {block.height}" in out
+    assert f"block hash   {block.hash}" in out
+    assert f"Merkle root  {block.merkle_root}" in out
+    assert f"medfed ledger verify-proof {proof_file} --dir {tmp_path}" in out
+    assert f"--root {block.hash}" in out
+
+
+def test_cli_verify_proof_against_the_verified_chain(tmp_path, consortium, capsys):
+    proof_file, block, _ = _proof_setup(tmp_path, consortium, capsys)
+
+    assert medfed(["ledger", "verify-proof", str(proof_file),
+                   "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 replicas agree" in out and "proof ok" in out
+    assert f"the verified chain in {tmp_path}" in out and block.hash in out
+
+    # A self-consistent proof from another chain passes alone, not against --dir.
+    other = tmp_path / "other"
+    led = build(other / "replica-0", consortium.genesis,
+                make_batches(consortium.signers, seed=7)[1:])
+    foreign = led.prove(next(led.blocks()).entries[0].id)
+    led.close()
+    foreign_file = tmp_path / "foreign.json"
+    foreign_file.write_text(json.dumps(foreign))
+    assert medfed(["ledger", "verify-proof", str(foreign_file)]) == 0
+    assert "self-consistent, not that the entry is in your ledger" in (
+        capsys.readouterr().out)
+    assert medfed(["ledger", "verify-proof", str(foreign_file),
+                   "--dir", str(tmp_path / "replica-0")]) == 1
+    out = capsys.readouterr().out
+    assert "proof FAILED" in out
+    ours = read_blocks(tmp_path / "replica-0")[0][0].hash
+    assert f"block 1 of the ledger has hash {ours}" in out
+
+    # A damaged ledger proves nothing, even for a proof that matches it.
+    _rewrite_block(tmp_path / "replica-1" / BLOCKS_FILE, 3,
+                   lambda b: b["header"].update(raft_index=77))
+    assert medfed(["ledger", "verify-proof", str(proof_file),
+                   "--dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "replica-1: FAILED at block 3" in out and "did not verify" in out
+
+
+def test_cli_verify_proof_root_mismatch_and_short_root(tmp_path, consortium, capsys):
+    proof_file, block, _ = _proof_setup(tmp_path, consortium, capsys)
+
+    assert medfed(["ledger", "verify-proof", str(proof_file), "--root",
+                   block.hash.upper()]) == 0
+    assert f"checked against root {block.hash}" in capsys.readouterr().out
+    assert medfed(["ledger", "verify-proof", str(proof_file), "--root", "0" * 64]) == 1
+    out = capsys.readouterr().out
+    assert (f"root {'0' * 64} matches neither the proof's block hash {block.hash} "
+            f"nor its Merkle root {block.merkle_root}") in out
+
+    assert medfed(["ledger", "verify-proof", str(proof_file), "--root",
+                   block.hash[:16]]) == 2
+    err = capsys.readouterr().err
+    assert "give all 64 hex characters (got 16)" in err
+
+
+def test_proof_problem_names_the_failed_check(tmp_path, consortium):
+    from ledger.chain import proof_on_chain, proof_problem
+
+    led = build(tmp_path / "r", consortium.genesis, make_batches(consortium.signers))
+    blocks = list(led.blocks())
+    proof = led.prove(blocks[0].entries[2].id)
+    led.close()
+
+    assert proof_problem(proof) is None and proof_on_chain(proof, blocks) is None
+    bad_path = dict(proof, path=proof["path"][::-1])
+    assert "Merkle path from leaf 2" in proof_problem(bad_path)
+    assert "has no block 1 (it holds heights 2-" in proof_on_chain(proof, blocks[1:])
+    assert "has no block 1 (it holds no blocks)" in proof_on_chain(proof, [])

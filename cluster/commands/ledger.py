@@ -3,11 +3,17 @@
     medfed ledger verify --dir DIR
     medfed ledger show --dir DIR [--round R] [--member M] [--type T] [--jsonl OUT]
     medfed ledger prove --dir DIR ENTRY_ID [--out proof.json]
-    medfed ledger verify-proof PROOF.json [--root HEX]
+    medfed ledger verify-proof PROOF.json [--dir DIR] [--root HEX]
     medfed ledger simulate --seeds N [--start S] [--workers W]
 
 DIR is one replica directory (holding ``blocks.log``) or a directory holding
 several. Every command here only reads ledger files; none repairs them.
+
+A proof is only as good as what it is checked against: ``verify-proof --dir``
+verifies the chain first and then finds the proof's block on it, and
+``--root`` takes a full block hash or Merkle root obtained from a trusted
+source. The hashes inside the proof file prove only that the file is
+self-consistent.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import json
 import logging
 from pathlib import Path
 
-from ledger.chain import BLOCKS_FILE, make_proof, read_blocks, verify, verify_proof
+from ledger.chain import (
+    BLOCKS_FILE, make_proof, proof_on_chain, proof_problem, read_blocks, verify,
+)
 from ledger.genesis import GENESIS_FILE, Genesis
 from ledger.store import (
     block_records, filter_records, find_record, verify_replica, write_jsonl,
@@ -49,7 +57,11 @@ def register(sub) -> None:
 
     p = cmds.add_parser("verify-proof", help="check a proof written by `prove`")
     p.add_argument("proof", help="proof JSON file")
-    p.add_argument("--root", default=None, help="trusted Merkle root or block hash")
+    p.add_argument("--root", default=None,
+                   help="trusted Merkle root or block hash (full 64 hex characters)")
+    p.add_argument("--dir", default=None,
+                   help="ledger directory: verify its chain and find the proof's "
+                        "block on it (the trustworthy check)")
     p.set_defaults(func=cmd_verify_proof)
 
     p = cmds.add_parser("simulate", help="run the deterministic Raft simulator")
@@ -84,10 +96,21 @@ def find_genesis(replica: Path, stop: Path) -> Genesis | None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    root = Path(args.dir)
-    replicas = replica_dirs(args.dir)
+    failed, _ = verify_ledger(args.dir)
+    return 1 if failed else 0
+
+
+def verify_ledger(directory: str) -> tuple[int, dict[Path, list]]:
+    """Verifies every replica under ``directory`` and compares them; prints why.
+
+    Returns ``(failures, blocks)``: the number of replicas that failed or
+    diverged, and the blocks of each replica whose chain verified.
+    """
+    root = Path(directory)
+    replicas = replica_dirs(directory)
     failed = 0
     heads: dict[Path, dict[int, str]] = {}
+    good: dict[Path, list] = {}
     for replica in replicas:
         genesis = find_genesis(replica, root)
         if genesis is not None:
@@ -98,7 +121,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             checked = "hashes only: no genesis file found"
         if result.ok:
             print(f"{replica}: ok, {result.blocks} blocks ({checked})")
-            heads[replica] = {b.height: b.hash for b in read_blocks(replica)[0]}
+            good[replica] = read_blocks(replica)[0]
+            heads[replica] = {b.height: b.hash for b in good[replica]}
         else:
             failed += 1
             print(f"{replica}: FAILED at block {result.first_bad_height}: "
@@ -114,7 +138,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"{other}: DIVERGES from {names[0]} at block {differ[0]}")
     if len(names) > 1 and failed == 0:
         print(f"{len(names)} replicas agree on every shared block")
-    return 1 if failed else 0
+    return failed, good
 
 
 def _load_records(directory: str) -> tuple[Path, list, list]:
@@ -159,13 +183,31 @@ def cmd_prove(args: argparse.Namespace) -> int:
     record = find_record(records, args.entry_id, where=str(replica))
     block = next(b for b in blocks if b.height == record.height)
     text = json.dumps(make_proof(block, record.position), indent=2, sort_keys=True)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-        print(f"proof of {record.entry_id[:16]} in block {block.height} "
-              f"(root {block.merkle_root[:16]}) written to {args.out}")
-    else:
+    if not args.out:
         print(text)
+        return 0
+
+    Path(args.out).write_text(text + "\n")
+    print(f"proof of entry {record.entry_id} written to {args.out}")
+    print(f"  block height {block.height}")
+    print(f"  block hash   {block.hash}")
+    print(f"  Merkle root  {block.merkle_root}")
+    print("check it against the ledger (verifies the chain, then the proof):")
+    print(f"  medfed ledger verify-proof {args.out} --dir {args.dir}")
+    print("or against a block hash obtained from a trusted source:")
+    print(f"  medfed ledger verify-proof {args.out} --root {block.hash}")
     return 0
+
+
+def _full_hex(value: str) -> str:
+    """``value`` lower-cased when it is a full SHA-256 hex digest; else ValueError."""
+    text = value.strip().lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(
+            f"--root {value!r} is not a full block hash or Merkle root: give all 64 "
+            f"hex characters (got {len(text)}), as printed by `medfed ledger prove`"
+        )
+    return text
 
 
 def cmd_verify_proof(args: argparse.Namespace) -> int:
@@ -176,15 +218,39 @@ def cmd_verify_proof(args: argparse.Namespace) -> int:
         proof = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not JSON: {exc}") from exc
-    ok = verify_proof(proof, args.root)
-    against = f"root {args.root}" if args.root else "its own block header only"
-    if ok:
-        verdict = "accepted" if proof["leaf"]["accepted"] else "rejected"
-        print(f"proof ok: entry {proof['entry_id'][:16]} ({verdict}) is in block "
-              f"{proof['block']['height']}, checked against {against}")
-        return 0
-    print(f"proof FAILED: entry {str(proof['entry_id'])[:16]} against {against}")
-    return 1
+    root = _full_hex(args.root) if args.root is not None else None
+
+    # Shape first: a file that is not a proof is a usage error, not a failure.
+    problem = proof_problem(proof, root)
+    checked = []
+    if root is not None:
+        checked.append(f"root {root}")
+    if problem is None and args.dir is not None:
+        failed, chains = verify_ledger(args.dir)
+        if failed or not chains:
+            problem = f"the ledger in {args.dir} did not verify (see above)"
+        else:
+            for blocks in chains.values():
+                problem = proof_on_chain(proof, blocks)
+                if problem is None:
+                    break
+            checked.append(f"the verified chain in {args.dir}")
+
+    entry = str(proof.get("entry_id"))
+    if problem is not None:
+        print(f"proof FAILED: entry {entry}: {problem}")
+        return 1
+    verdict = "accepted" if proof["leaf"]["accepted"] else "rejected"
+    print(f"proof ok: entry {entry} ({verdict}) is in block "
+          f"{proof['block']['height']} (hash {proof['block_hash']})")
+    if checked:
+        print(f"checked against {' and '.join(checked)}")
+    else:
+        print("checked against the block header inside the proof file only: this "
+              "shows the file is self-consistent, not that the entry is in your "
+              "ledger. Give --dir LEDGER_DIR or --root <full block hash> from a "
+              "trusted source.")
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
