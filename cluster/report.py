@@ -526,11 +526,13 @@ def _noise_multipliers(results: dict) -> list[float]:
 
 def _dp_notes(results: dict) -> list[str]:
     privacy = results.get("privacy") or {}
-    notes = [
-        "Differential privacy: the privacy unit is one encounter (one training "
-        "row of one hospital). A patient with k encounters at a hospital is "
-        "protected at about k x epsilon there, not epsilon."
-    ]
+    if _unit(results.get("dataset") or {}) == "patients":
+        notes = ["Differential privacy: the privacy unit is one patient (one "
+                 "training row of one hospital)."]
+    else:
+        notes = ["Differential privacy: the privacy unit is one encounter (one "
+                 "training row of one hospital). A patient with k encounters at a "
+                 "hospital is protected at about k x epsilon there, not epsilon."]
     baselines = [name for key, name in (("centralized", "centralised"),
                                         ("local", "local-only"))
                  if results.get(key)]
@@ -540,9 +542,10 @@ def _dp_notes(results: dict) -> list[str]:
                      "DP, so the gap to them includes the cost of privacy.")
     sigmas = _noise_multipliers(results)
     if sigmas:
+        clip = privacy.get("max_grad_norm")
+        norm = "" if clip is None else f" {_fmt(clip)}"
         notes.append(f"Noise multiplier used (noise standard deviation over the "
-                     f"clipping norm {_fmt(privacy.get('max_grad_norm'))}): "
-                     f"{', '.join(_fmt(s) for s in sigmas)}.")
+                     f"clipping norm{norm}): {', '.join(_fmt(s) for s in sigmas)}.")
     else:
         notes.append("Noise multiplier: calibrated at each hospital from its "
                      "epsilon budget; the value used was not recorded in the "

@@ -212,7 +212,10 @@ def test_dp_notes_name_unit_baselines_noise_and_missing_loss():
     assert "not covered by the privacy guarantee" in notes
     assert "| 2 | 0.640 | not reported (DP) | 2 |" in _section(text, "Rounds")
 
-    notes = _section(render_markdown(json_safe(_dp_results(None))), "Notes")
+    synthetic = _dp_results(None)
+    synthetic["dataset"]["name"] = "synthetic"
+    notes = _section(render_markdown(json_safe(synthetic)), "Notes")
+    assert "privacy unit is one patient" in notes and "k x epsilon" not in notes
     assert "value used was not recorded" in notes
     assert "Noise multiplier used" not in notes
     assert "## Notes" not in render_markdown(json_safe(_results()))
