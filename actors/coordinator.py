@@ -3,10 +3,10 @@
 Each round: sample a share of the hospitals (seeded by run seed and round, so
 a resumed run samples the same), ping them (a restarted hospital rejoins once
 it answers; the pings leave at the end of the previous round, so they cost
-no round trip of their own), broadcast the global weights once
-(``ray.put``), wait for updates up to the round timeout, screen them
-(``federation.aggregation.check_update``), and aggregate the accepted ones if
-there are at least ``quorum`` of them. A hospital that raises, dies or times
+no round trip of their own), send the global weights (inside each call when
+small, else once through the object store), wait for updates up to the
+round timeout, screen them (``federation.aggregation.check_update``), and
+aggregate the accepted ones if there are at least ``quorum`` of them. A hospital that raises, dies or times
 out is dropped from that round with the reason recorded; a round without
 quorum fails cleanly and leaves the global model unchanged.
 
@@ -65,6 +65,9 @@ CHECKPOINT_VERSION = 1
 COORDINATOR_CPUS = 0.1
 # Seconds between pings to a hospital that Ray reports as restarting.
 PING_RETRY_S = 0.5
+# Largest weight vector (bytes) sent inside each call rather than through
+# the object store: Ray's own inlining limit for call arguments (100 KiB).
+INLINE_WEIGHTS_BYTES = 100 * 1024
 
 
 @ray.remote(num_cpus=COORDINATOR_CPUS, max_restarts=0)
@@ -209,11 +212,11 @@ class Coordinator:
         if failure is not None:
             reachable = []
 
-        # One broadcast object per round, shared by every hospital.
-        weights_ref = ray.put(self.weights)
         epochs = self.config.local_epochs
         if secure:
-            # The agent calls its trainer; the update never comes here.
+            # One broadcast object per round, shared by every hospital; the
+            # agent calls its trainer, and the update never comes here.
+            weights_ref = ray.put(self.weights)
             calls = {
                 self.agents[name].train.remote(
                     r, [weights_ref], epochs, None, self.weights.size
@@ -221,8 +224,9 @@ class Coordinator:
                 for name, _ in reachable
             }
         else:
+            weights = _broadcast(self.weights)
             calls = {
-                handle.fit.remote(r, weights_ref, epochs): name
+                handle.fit.remote(r, weights, epochs): name
                 for name, handle in reachable
             }
         answers, late = self._collect(calls, dropped)
@@ -701,6 +705,18 @@ class Coordinator:
         self.records = list(state["records"])
         self.resumed_from = self.round
         log.info("resumed from %s at round %d", path, self.round)
+
+
+def _broadcast(weights: np.ndarray):
+    """The global weights as the argument of every hospital's call this round.
+
+    Small vectors travel inside each call (Ray inlines arguments up to
+    ``INLINE_WEIGHTS_BYTES``), which spares every hospital a trip to the
+    object store; larger ones are put in the object store once and shared.
+    """
+    if weights.nbytes <= INLINE_WEIGHTS_BYTES:
+        return weights
+    return ray.put(weights)
 
 
 def sample_hospitals(names: list[str], count: int, seed: int, round: int

@@ -158,3 +158,14 @@ def test_hospital_sample_is_seeded_per_round():
     assert draws[0] == sample_hospitals(names, 4, seed=7, round=1)
     assert len({tuple(d) for d in draws}) > 1
     assert sample_hospitals(names, 10, seed=7, round=1) == names
+
+
+def test_small_weights_travel_inline_and_large_ones_once_by_reference(ray_local):
+    from actors.coordinator import INLINE_WEIGHTS_BYTES, _broadcast
+
+    small = np.arange(146, dtype=np.float32)
+    assert _broadcast(small) is small
+    large = np.arange(INLINE_WEIGHTS_BYTES // 4 + 1, dtype=np.float32)
+    ref = _broadcast(large)
+    assert isinstance(ref, ray.ObjectRef)
+    assert np.array_equal(ray.get(ref), large)
