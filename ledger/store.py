@@ -121,8 +121,19 @@ def filter_records(
 
 
 def find_record(records: list[EntryRecord], entry_id: str, where: str) -> EntryRecord:
-    """The first record with ``entry_id`` (or a unique prefix of 8+ characters)."""
-    entry_id = entry_id.lower()
+    """The first record with ``entry_id`` (or a unique prefix of 8+ characters).
+
+    Raises ValueError naming the problem: not hex, a prefix under 8
+    characters, an ambiguous prefix, or an id not in ``records``.
+    """
+    entry_id = entry_id.strip().lower()
+    if not entry_id or any(c not in "0123456789abcdef" for c in entry_id):
+        raise ValueError(f"entry id {entry_id!r} is not hex; give the entry id "
+                         "as shown by `medfed ledger show`")
+    if len(entry_id) < 8:
+        raise ValueError(f"entry id prefix {entry_id!r} has {len(entry_id)} "
+                         "characters; an id prefix needs at least 8 hex "
+                         "characters (or give the full 64)")
     exact = [r for r in records if r.entry_id == entry_id]
     if exact:
         return exact[0]

@@ -66,6 +66,14 @@ def build(directory, genesis, batches) -> Ledger:
     return led
 
 
+def write_ledger(directory, consortium, batches) -> None:
+    """A ledger folder as a run leaves it: genesis.json and every replica named."""
+    (directory / "genesis.json").write_text(
+        (consortium.dir / "genesis.json").read_text())
+    for name in consortium.genesis.voters:
+        build(directory / name, consortium.genesis, batches).close()
+
+
 def test_replicas_applying_same_batches_build_identical_chains(tmp_path, consortium):
     batches = make_batches(consortium.signers)
     a = build(tmp_path / "a", consortium.genesis, batches)
@@ -251,13 +259,10 @@ def test_consortium_keys_reload_and_private_keys_are_0600(consortium):
 
 def test_cli_verify_show_prove(tmp_path, consortium, capsys):
     batches = make_batches(consortium.signers)
-    genesis_text = (consortium.dir / "genesis.json").read_text()
-    (tmp_path / "genesis.json").write_text(genesis_text)
-    for name in ("replica-0", "replica-1"):
-        build(tmp_path / name, consortium.genesis, batches).close()
+    write_ledger(tmp_path, consortium, batches)
 
     assert medfed(["ledger", "verify", "--dir", str(tmp_path)]) == 0
-    assert "2 replicas agree" in capsys.readouterr().out
+    assert "3 replicas agree" in capsys.readouterr().out
 
     out = tmp_path / "rejected.jsonl"
     assert medfed(["ledger", "show", "--dir", str(tmp_path), "--round", "1",
@@ -324,11 +329,7 @@ def test_ledger_refuses_a_chain_of_another_genesis(tmp_path, consortium):
 
 def _proof_setup(tmp_path, consortium, capsys):
     """Two replicas of one ledger, a proof file of an entry in block 2, the block."""
-    batches = make_batches(consortium.signers)
-    (tmp_path / "genesis.json").write_text(
-        (consortium.dir / "genesis.json").read_text())
-    for name in ("replica-0", "replica-1"):
-        build(tmp_path / name, consortium.genesis, batches).close()
+    write_ledger(tmp_path, consortium, make_batches(consortium.signers))
     block = read_blocks(tmp_path / "replica-0")[0][1]
     proof_file = tmp_path / "proof.json"
     assert medfed(["ledger", "prove", "--dir", str(tmp_path), block.entries[1].id,
@@ -353,7 +354,7 @@ def test_cli_verify_proof_against_the_verified_chain(tmp_path, consortium, capsy
     assert medfed(["ledger", "verify-proof", str(proof_file),
                    "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "2 replicas agree" in out and "proof ok" in out
+    assert "3 replicas agree" in out and "proof ok" in out
     assert f"the verified chain in {tmp_path}" in out and block.hash in out
 
     # A self-consistent proof from another chain passes alone, not against --dir.
