@@ -16,8 +16,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import tempfile
+import threading
+import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 import zipfile
 import zlib
 from pathlib import Path
@@ -198,53 +203,124 @@ def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+DOWNLOAD_MAX_SECONDS = 600.0
+
+
+class DownloadInterrupted(DataError):
+    """The process got SIGTERM during ``fetch``; the partial file was removed."""
+
+
+@contextmanager
+def _sigterm_raises(url: str) -> Iterator[None]:
+    """Turns SIGTERM into ``DownloadInterrupted`` so cleanup code runs.
+
+    Only in the main thread (Python delivers signals there); elsewhere the
+    handler is left alone and a SIGTERM ends the process without cleanup.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise DownloadInterrupted(
+            f"download of {url} stopped by SIGTERM; the partial file was removed")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM,
+                      previous if previous is not None else signal.SIG_DFL)
+
+
+def _prepare_dest(dest: Path) -> None:
+    """Creates ``dest``; DataError when it is a file or cannot be made."""
+    if dest.exists() and not dest.is_dir():
+        raise DataError(
+            f"destination {dest} is an existing file, not a folder: give a folder "
+            f"to write {ZIP_NAME} into")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create destination folder {dest}: {exc}") from exc
+
+
 def fetch(
     dest_dir: str | os.PathLike,
     url: str = OFFICIAL_URL,
     timeout: float = 60,
     *,
     sha256: str = ZIP_SHA256,
+    max_seconds: float = DOWNLOAD_MAX_SECONDS,
 ) -> Path:
     """Downloads the official zip into ``dest_dir/dataset_diabetes.zip``.
 
     timeout: seconds allowed for connecting and for each read.
+    max_seconds: seconds allowed for the whole download (default 600; the
+    official zip is 3.3 MB). The deadline is checked between reads, so a
+    download stops at most ``timeout`` seconds after it.
     The bytes go to a temporary file in ``dest_dir``, which is renamed over
     the destination only after its sha256 equals ``sha256``; a mismatch, a
-    network error or an interruption deletes the partial file, so a complete
-    file is never replaced by a bad one. Returns the path of the zip.
-    Raises DataError naming the expected and received hashes on mismatch, or
-    the URL and the reason when the download fails.
+    network error, the deadline, Ctrl-C or SIGTERM (in the main thread)
+    deletes the partial file, so a complete file is never replaced by a bad
+    one. Returns the path of the zip.
+    Raises DataError naming the expected and received hashes on mismatch, the
+    URL and the reason when the download fails or runs out of time, and the
+    path when ``dest_dir`` is an existing file.
     """
+    if max_seconds <= 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
     dest = Path(dest_dir).expanduser()
-    dest.mkdir(parents=True, exist_ok=True)
+    _prepare_dest(dest)
     target = dest / ZIP_NAME
-    fd, tmp_name = tempfile.mkstemp(prefix=".download-", suffix=".part", dir=dest)
-    tmp = Path(tmp_name)
+    deadline = time.monotonic() + max_seconds
 
-    try:
-        digest = hashlib.sha256()
-        size = 0
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    while block := response.read(1 << 20):
-                        digest.update(block)
-                        out.write(block)
-                        size += len(block)
-            except OSError as exc:
-                raise DataError(f"download of {url} failed: {exc}") from exc
-            out.flush()
-            os.fsync(out.fileno())
-
-        got = digest.hexdigest()
-        if got != sha256:
-            raise DataError(
-                f"download of {url} has sha256 {got} ({size:,} bytes), expected "
-                f"{sha256}; the file was discarded. Retry, or check the URL"
-            )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _sigterm_raises(url):
+        fd, tmp_name = tempfile.mkstemp(prefix=".download-", suffix=".part", dir=dest)
+        tmp = Path(tmp_name)
+        try:
+            got, size = _download(url, fd, min(timeout, max_seconds), deadline,
+                                  max_seconds)
+            if got != sha256:
+                raise DataError(
+                    f"download of {url} has sha256 {got} ({size:,} bytes), expected "
+                    f"{sha256}; the file was discarded. Retry, or check the URL"
+                )
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     log.info("fetched %s to %s (%d bytes, sha256 ok)", url, target, size)
     return target
+
+
+def _download(url: str, fd: int, timeout: float, deadline: float,
+              max_seconds: float) -> tuple[str, int]:
+    """Streams ``url`` into the open file ``fd`` (closed here) until EOF.
+
+    Returns (sha256 hex, bytes). Raises DataError on a network error or
+    when ``time.monotonic()`` passes ``deadline``.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    with os.fdopen(fd, "wb") as out:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                # read1 returns what has arrived, so a trickling server cannot
+                # hold one read (and the deadline check) for long.
+                read = getattr(response, "read1", response.read)
+                while block := read(1 << 16):
+                    digest.update(block)
+                    out.write(block)
+                    size += len(block)
+                    if time.monotonic() > deadline:
+                        raise DataError(
+                            f"download of {url} took longer than {max_seconds:g} s "
+                            f"({size:,} bytes received); the partial file was "
+                            "removed. Retry on a faster connection, or allow more "
+                            "time (--max-seconds)")
+        except OSError as exc:
+            raise DataError(f"download of {url} failed: {exc}") from exc
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest(), size

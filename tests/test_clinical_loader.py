@@ -5,7 +5,11 @@ from __future__ import annotations
 import functools
 import http.server
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 
 import pytest
@@ -194,3 +198,95 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "medfed data fetch" in err[0]
+
+
+class _TrickleHandler(http.server.BaseHTTPRequestHandler):
+    """Promises 100,000 bytes and sends one byte every 50 ms, for up to 20 s."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        try:
+            for _ in range(400):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass  # the client gave up, as it should
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def trickle():
+    """A loopback HTTP server that sends its body one byte at a time."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TrickleHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/slow.zip"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_fetch_stops_a_trickling_download_at_the_deadline(tmp_path, trickle):
+    dest = tmp_path / "dest"
+    started = time.monotonic()
+
+    with pytest.raises(DataError, match="took longer than 1 s") as err:
+        diabetes130.fetch(dest, url=trickle, timeout=5, max_seconds=1)
+
+    assert time.monotonic() - started < 4
+    assert "bytes received" in str(err.value)
+    assert list(dest.iterdir()) == []
+
+
+def test_cli_fetch_max_seconds_is_one_line(tmp_path, trickle, capsys):
+    code = cli.main(["data", "fetch", "--dest", str(tmp_path / "d"), "--url", trickle,
+                     "--max-seconds", "0.5"])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "took longer than 0.5 s" in err[0]
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_fetch_into_an_existing_file_names_the_path(tmp_path, capsys):
+    path = tmp_path / "taken"
+    path.write_text("a file, not a folder\n")
+
+    code = cli.main(["data", "fetch", "--dest", str(path), "--url",
+                     "http://127.0.0.1:9/unused.zip"])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert f"destination {path} is an existing file, not a folder" in err[0]
+    assert path.read_text() == "a file, not a folder\n"
+
+
+def test_sigterm_during_fetch_removes_the_partial_file(tmp_path, trickle):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    script = ("import sys; from clinical import diabetes130; "
+              "diabetes130.fetch(sys.argv[1], url=sys.argv[2], timeout=5, "
+              "max_seconds=30)")
+    child = subprocess.Popen([sys.executable, "-c", script, str(dest), trickle],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        give_up = time.monotonic() + 20
+        while not list(dest.glob(".download-*.part")):
+            assert child.poll() is None and time.monotonic() < give_up
+            time.sleep(0.05)
+        time.sleep(0.2)  # some bytes are in the part file by now
+
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+    assert "DownloadInterrupted" in err and "stopped by SIGTERM" in err
+    assert list(dest.iterdir()) == []

@@ -1,7 +1,9 @@
 """`medfed data`: fetch the Diabetes 130 zip, and summarise a copy of it.
 
-``medfed data fetch [--dest DIR] [--url URL]`` downloads the official zip,
-keeping it only if its sha256 is the known one. ``medfed data info [--data
+``medfed data fetch [--dest DIR] [--url URL] [--timeout S] [--max-seconds S]``
+downloads the official zip, keeping it only if its sha256 is the known one;
+``--timeout`` bounds connecting and each read, ``--max-seconds`` the whole
+download (default 600 s). ``medfed data info [--data
 PATH]`` prints encounters, patients and label rates of a local copy.
 """
 
@@ -30,6 +32,10 @@ def register(sub) -> None:
                        help="download URL (default: the UCI repository)")
     fetch.add_argument("--timeout", type=float, default=60.0,
                        help="seconds allowed to connect and per read (default 60)")
+    fetch.add_argument("--max-seconds", type=float,
+                       default=diabetes130.DOWNLOAD_MAX_SECONDS,
+                       help="seconds allowed for the whole download (default "
+                            f"{diabetes130.DOWNLOAD_MAX_SECONDS:g})")
     fetch.set_defaults(func=run_fetch)
 
     info = commands.add_parser("info", help="print rows, patients and label rates")
@@ -43,7 +49,11 @@ def run_fetch(args: argparse.Namespace) -> int:
     dest = args.dest or os.environ.get("MEDFED_DATA_DIR") or "data/diabetes130"
     if args.timeout <= 0:
         raise DataError(f"--timeout must be positive seconds, got {args.timeout}")
-    path = diabetes130.fetch(Path(dest), url=args.url, timeout=args.timeout)
+    if args.max_seconds <= 0:
+        raise DataError(
+            f"--max-seconds must be positive seconds, got {args.max_seconds}")
+    path = diabetes130.fetch(Path(dest), url=args.url, timeout=args.timeout,
+                             max_seconds=args.max_seconds)
     print(f"saved {path} ({path.stat().st_size:,} bytes, sha256 verified)")
     print(f"use it with --data {path.parent} or MEDFED_DATA_DIR={path.parent}")
     return 0

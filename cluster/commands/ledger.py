@@ -281,7 +281,8 @@ def _check_majority(agreeing: list[ReplicaState], top: int,
 
 
 def _check_head(chain: ReplicaState, head: str, height: int | None) -> int:
-    """1 (and why) when ``chain`` does not end at ``head`` (or hold it at ``height``)."""
+    """1 (and why) when ``chain`` does not end at ``head``, or with ``height``
+    does not hold ``head`` at that height."""
     if height is not None:
         found = chain.hashes.get(height)
         if found == head:
