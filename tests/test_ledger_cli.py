@@ -218,3 +218,30 @@ def test_simulate_refuses_fewer_than_one_worker(workers, capsys):
 
     assert code == 2
     assert f"--workers {workers}: give at least 1" in capsys.readouterr().err
+
+
+def test_replica_restored_from_a_snapshot_counts_from_genesis(tmp_path, consortium,
+                                                              capsys):
+    from ledger import entries as E
+    from ledger.store import Ledger
+
+    batches = make_batches(consortium.signers)
+    write_ledger(tmp_path, consortium, batches)
+    old = Ledger(tmp_path / "old", consortium.genesis)
+    for raft_index, batch in enumerate(batches[:3], start=1):
+        old.apply_raft_entry(raft_index, E.encode_batch(batch))
+    shutil.rmtree(tmp_path / "replica-1")
+    fresh = Ledger(tmp_path / "replica-1", consortium.genesis)
+    fresh.restore(old.snapshot())
+    old.close()
+    shutil.rmtree(tmp_path / "old")
+    fresh.apply_raft_entry(4, E.encode_batch(batches[3]))
+    fresh.close()
+    head = read_blocks(tmp_path / "replica-0")[0][-1].hash
+
+    code, out, _ = verify(tmp_path, capsys=capsys)
+
+    assert code == 0
+    assert "replica-1: ok, height 4" in out
+    assert f"replica-1 lags: height 4 of {BLOCKS}" in out
+    assert f"height {BLOCKS}, head {head}" in out
