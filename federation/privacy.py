@@ -112,13 +112,14 @@ class DPConfig:
     def __post_init__(self) -> None:
         if self.epsilon is None and self.noise_multiplier is None:
             raise ValueError(
-                "DPConfig needs epsilon (a target to calibrate noise for) or "
-                "noise_multiplier (fixed noise); both are None"
+                "differential privacy needs a budget (epsilon, --epsilon) to "
+                "calibrate noise for, or fixed noise (noise_multiplier, "
+                "--noise-multiplier); neither was given"
             )
-        if self.epsilon is not None and not self.epsilon > 0:
+        if self.epsilon is not None and not 0 < self.epsilon < math.inf:
             raise ValueError(
-                f"epsilon must be positive, got {self.epsilon}; pick e.g. 1-8, "
-                "or leave it None and set noise_multiplier"
+                f"epsilon must be positive and finite, got {self.epsilon}; pick "
+                "e.g. 1-8, or leave it None and set noise_multiplier"
             )
         if not 0 < self.delta < 1:
             raise ValueError(

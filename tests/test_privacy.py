@@ -123,8 +123,9 @@ def test_fixed_noise_without_budget_never_refuses():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"epsilon": 0.0}, "epsilon must be positive, got 0.0"),
-        ({"epsilon": -1.0}, "epsilon must be positive, got -1.0"),
+        ({"epsilon": 0.0}, "epsilon must be positive and finite, got 0.0"),
+        ({"epsilon": -1.0}, "epsilon must be positive and finite, got -1.0"),
+        ({"epsilon": float("inf")}, "epsilon must be positive and finite, got inf"),
         ({"epsilon": 1.0, "delta": 0.0}, r"delta must lie in \(0, 1\), got 0.0"),
         ({"epsilon": 1.0, "delta": 1.0}, r"delta must lie in \(0, 1\), got 1.0"),
         (
@@ -135,7 +136,7 @@ def test_fixed_noise_without_budget_never_refuses():
             {"noise_multiplier": 1.0, "max_grad_norm": 0.0},
             "max_grad_norm must be positive, got 0.0",
         ),
-        ({}, "needs epsilon .* or noise_multiplier"),
+        ({}, "needs a budget .*--epsilon.* or fixed noise .*--noise-multiplier"),
         ({"epsilon": 1.0, "accountant": "gdp"}, "unknown accountant 'gdp'.*'prv'"),
         ({"epsilon": 1.0, "accountant": "moments"}, "unknown accountant 'moments'"),
         ({"noise_multiplier": 0.0}, "noise_multiplier must be positive, got 0.0"),
