@@ -220,7 +220,7 @@ class HospitalTrainer:
         # module (Opacus, SciPy) in every hospital of a non-private run would
         # cost seconds and ~100 MB per process.
         if self._config.dp is not None:
-            from federation.privacy import BudgetExhausted
+            from federation.dp_config import BudgetExhausted
         else:
             BudgetExhausted = _NeverRaised
 

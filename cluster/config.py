@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from clinical.spec import DataSpec
-from federation.privacy import DPConfig
+from federation.dp_config import DPConfig
 
 MODELS = ("logreg", "mlp")
 OPTIMIZERS = ("sgd", "adam")

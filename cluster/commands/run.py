@@ -127,7 +127,7 @@ def with_dp_flags(config, args: argparse.Namespace):
     import dataclasses
 
     from cluster.config import validate
-    from federation.privacy import DPConfig
+    from federation.dp_config import DPConfig
 
     given = {
         field: getattr(args, flag) for flag, field in DP_FLAGS.items()
