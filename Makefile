@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	@if [ ! -e "$(DATA)/dataset_diabetes.zip" ] && [ ! -e "$(DATA)/diabetic_data.csv" ]; then \
 	  $(BIN)/medfed data fetch --dest "$(DATA)"; fi
-	MEDFED_DATA_DIR="$(DATA)" $(BIN)/medfed run configs/diabetes130.toml --out $(OUT)
+	MEDFED_DATA_DIR="$(DATA)" $(BIN)/medfed run configs/diabetes130.toml --out $(OUT) --overwrite
 
 test: install
 	MEDFED_DATA_DIR="$(DATA)" $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -37,8 +37,9 @@ against the masked sum.
 The coordinator holds only the held-out test patients (to score the global
 model each round) and the global model; it never sees a hospital's rows.
 After every round it checkpoints the global weights, the strategy state and
-the round records atomically (write to a temporary file, then rename), and
-``resume`` continues from that checkpoint.
+the round records atomically (``actors.checkpoint``: JSON and numpy arrays
+read without pickle), and ``resume`` continues from that checkpoint after
+checking it was written for the same model, strategy, data and hospitals.
 
 Known shortcoming: Ray cannot interrupt a running call on a synchronous actor,
 so a hospital that stalls past the round timeout keeps computing; it is left
@@ -49,9 +50,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import pickle
-import tempfile
 import time
 from pathlib import Path
 
@@ -60,8 +58,6 @@ import ray
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pkl"
-CHECKPOINT_VERSION = 1
 COORDINATOR_CPUS = 0.1
 # Seconds between pings to a hospital that Ray reports as restarting.
 PING_RETRY_S = 0.5
@@ -80,7 +76,8 @@ class Coordinator:
     n_features: input width of the model.
     X_test, y_test: held-out patients that score the global model each round.
     hospitals: ``[(name, trainer_handle)]`` in hospital index order.
-    checkpoint_dir: folder for ``checkpoint.pkl``.
+    checkpoint_dir: folder of the checkpoint (``actors.checkpoint``: JSON
+        metadata and a numpy arrays file, nothing that runs code on load).
     device: ``"cpu"`` or ``"cuda"``, where aggregation (and the masking
         server's sums) runs.
     agents: ``{name: HospitalAgent handle}`` for every hospital, in hospital
@@ -121,7 +118,7 @@ class Coordinator:
         # Built once: every round scores the global model on these patients.
         self._test_scorer = Scorer(config.model, X_test, y_test, hidden=config.hidden)
         self.hospitals = list(hospitals)
-        self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME
+        self.checkpoint_dir = Path(checkpoint_dir)
         options = {}
         if config.server_lr is not None:
             options["lr" if config.strategy == "fedadam" else "server_lr"] = (
@@ -148,15 +145,27 @@ class Coordinator:
             self._ledger = LedgerClient(list(ledger_replicas))
             self._signer = load_signer(ledger_dir, "coordinator")
 
+        self._restore_error: Exception | None = None
         if config.resume:
-            self._restore()
+            try:
+                self._restore()
+            except (ValueError, FileNotFoundError) as exc:
+                # Raised by the first call instead: an error raised here would
+                # reach the driver only as the text of an ActorDiedError.
+                log.error("cannot resume: %s", exc)
+                self._restore_error = exc
 
     # --- queries -------------------------------------------------------
 
     def state(self) -> dict:
-        """``{"round", "weights_hash", "resumed_from", "device"}``."""
+        """``{"round", "weights_hash", "resumed_from", "device"}``.
+
+        Raises the resume error (ValueError, FileNotFoundError) when the
+        checkpoint could not be restored.
+        """
         from federation.models import weights_hash
 
+        self._raise_restore_error()
         return {"round": self.round, "weights_hash": weights_hash(self.weights),
                 "resumed_from": self.resumed_from, "device": self.device}
 
@@ -167,6 +176,10 @@ class Coordinator:
     def round_records(self) -> list[dict]:
         """Every round record so far, including those restored on resume."""
         return self.records
+
+    def _raise_restore_error(self) -> None:
+        if self._restore_error is not None:
+            raise self._restore_error
 
     # --- rounds --------------------------------------------------------
 
@@ -185,8 +198,9 @@ class Coordinator:
         local validation AUROC), ``auroc`` and ``test`` (scores of the global
         model on the test patients after the round), ``weights_hash``,
         ``late`` (hospitals that timed out), ``privacy`` (``{hospital:
-        {"epsilon", "epsilon_round", "delta"}}``, epsilon in total so far
-        and added this round, at delta; empty without DP), ``secure``
+        {"epsilon", "epsilon_round", "delta", "noise_multiplier"}}``,
+        epsilon in total so far and added this round, at delta, and the
+        noise used when reported; empty without DP), ``secure``
         (mode, survivors, dropped, seconds and bytes of the secure round;
         None in the clear), ``ledger`` (``round_open``, ``updates``
         ``{hospital: update hash}`` accepted by the ledger, ``global_model``
@@ -199,6 +213,7 @@ class Coordinator:
         """
         from federation.aggregation import RoundFailed, Update, check_update
 
+        self._raise_restore_error()
         started = time.perf_counter()
         r = self.round + 1
         sampled = self._sample(r)
@@ -654,57 +669,38 @@ class Coordinator:
 
     def _checkpoint(self) -> None:
         """Writes the checkpoint atomically: a crash leaves the old one whole."""
-        state = {
-            "version": CHECKPOINT_VERSION,
-            "round": self.round,
-            "weights": self.weights,
-            "strategy": self.strategy.state_dict(),
-            "records": self.records,
-            "model": self.config.model,
-            "strategy_name": self.config.strategy,
-        }
-        folder = self.checkpoint_path.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.checkpoint_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        from actors import checkpoint
+
+        checkpoint.save(
+            self.checkpoint_dir, round=self.round, model=self.config.model,
+            weights=self.weights, strategy_state=self.strategy.state_dict(),
+            data_key=self.config.data.key(),
+            hospitals=[name for name, _ in self.hospitals],
+            settings=checkpoint.training_settings(self.config),
+            records=self.records,
+        )
 
     def _restore(self) -> None:
-        path = self.checkpoint_path
-        if not path.exists():
-            log.warning("resume asked for, but no checkpoint at %s: starting at "
-                        "round 1", path)
-            return
-        with path.open("rb") as fh:
-            # The checkpoint is written by this program into the run's own
-            # folder; it is trusted like the configuration file is.
-            state = pickle.load(fh)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(
-                f"checkpoint {path} has version {state.get('version')!r}, expected "
-                f"{CHECKPOINT_VERSION}; start without resume"
-            )
-        weights = np.asarray(state["weights"], dtype=np.float32)
-        if weights.shape != self.weights.shape or state["model"] != self.config.model:
-            raise ValueError(
-                f"checkpoint {path} holds a {state['model']!r} model with "
-                f"{weights.size} weights; this run builds {self.config.model!r} with "
-                f"{self.weights.size}. Use a matching config or a new checkpoint_dir"
-            )
-        self.strategy.load_state_dict(state["strategy"])
+        """Continues from the checkpoint; refuses one of another run setup."""
+        from actors import checkpoint
+
+        meta, weights, state = checkpoint.load(self.checkpoint_dir)
+        checkpoint.check_matches(
+            meta, self.checkpoint_dir, model=self.config.model,
+            strategy=self.config.strategy, data_key=self.config.data.key(),
+            hospitals=[name for name, _ in self.hospitals],
+            weight_count=int(self.weights.size),
+        )
+        changed = checkpoint.changed_settings(
+            meta, checkpoint.training_settings(self.config))
+        if changed:
+            log.warning("resuming with changed settings: %s", "; ".join(changed))
+        self.strategy.load_state_dict(state)
         self.weights = weights
-        self.round = int(state["round"])
-        self.records = list(state["records"])
+        self.round = int(meta["round"])
+        self.records = list(meta["records"])
         self.resumed_from = self.round
-        log.info("resumed from %s at round %d", path, self.round)
+        log.info("resumed from %s at round %d", self.checkpoint_dir, self.round)
 
 
 def _broadcast(weights: np.ndarray):
@@ -755,7 +751,11 @@ def _classify(answer) -> tuple[str, str | None]:
 
 
 def _privacy_of(answer) -> dict | None:
-    """Epsilon spent by the hospital that sent ``answer``, if it reports one."""
+    """Epsilon spent by the hospital that sent ``answer``, if it reports one.
+
+    ``{"epsilon", "epsilon_round", "delta"}`` plus ``noise_multiplier`` when
+    the hospital trained this round and reported the noise it used.
+    """
     if isinstance(answer, dict):
         if answer.get("privacy") is not None:
             return {"epsilon": answer["privacy"]["epsilon"], "epsilon_round": 0.0,
@@ -771,9 +771,13 @@ def _privacy_of(answer) -> dict | None:
                 "delta": privacy["delta"]}
     if metrics.get("epsilon") is None:
         return None
-    return {"epsilon": float(metrics["epsilon"]),
-            "epsilon_round": float(metrics.get("epsilon_round") or 0.0),
-            "delta": float(metrics["delta"])}
+    spent = {"epsilon": float(metrics["epsilon"]),
+             "epsilon_round": float(metrics.get("epsilon_round") or 0.0),
+             "delta": float(metrics["delta"])}
+    if metrics.get("noise_multiplier") is not None:
+        # The noise actually used (calibrated or fixed), for the report.
+        spent["noise_multiplier"] = float(metrics["noise_multiplier"])
+    return spent
 
 
 def _describe(exc: BaseException) -> str:

@@ -45,9 +45,48 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medfed: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, FileNotFoundError) as exc:
-        print(f"medfed: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        problem = user_error(exc)
+        if problem is None:
+            raise
+        print(f"medfed: error: {one_line(problem)}", file=sys.stderr)
         return 2
+
+
+# Errors that come from the user's input or set-up, printed without traceback.
+USER_ERRORS = (UsageError, ValueError, FileNotFoundError)
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The user's mistake behind ``exc``, or None for a genuine failure.
+
+    An error raised inside a Ray actor or task reaches the driver wrapped
+    (``RayTaskError``, or ``ActorDiedError`` when a constructor raised); the
+    wrapper is also an instance of the original class and its message is a
+    traceback, so the original (``.cause``) is what gets printed.
+    """
+    from cluster.runtime import RayStartError
+
+    exceptions = sys.modules.get("ray.exceptions")
+    for _ in range(4):
+        if exceptions is not None and isinstance(exc, exceptions.RayError):
+            cause = getattr(exc, "cause", None)
+            if not isinstance(cause, BaseException):
+                return None
+            exc = cause
+            continue
+        if isinstance(exc, USER_ERRORS + (RayStartError,)):
+            return exc
+        return None
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its class name when empty)."""
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) or not text:
+        text = f"{type(exc).__name__}: {text}"
+    return text.splitlines()[0]
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ PARTITIONS = ("iid", "dirichlet", "natural")
 TARGETS = ("readmit30", "readmit_any")
 SECURE_AGG_MODES = ("none", "mask", "ckks")
 NOISE_KINDS = ("none", "discrete", "gaussian")
+# Fewest hospitals a secure round may sum: with two, each learns the other's
+# update from the sum and its own.
+SECURE_AGG_MIN_HOSPITALS = 3
 
 
 @dataclass
@@ -109,13 +112,17 @@ class RunConfig:
         unchanged) or ``"stop"`` the run.
     checkpoint_dir: where the global model and strategy state are written
         after every round (``None``: ``<out>/checkpoint``); resume: continue
-        from the checkpoint there if one exists.
-    out: output folder (``None``: ``./runs/<UTC timestamp>``).
+        from the checkpoint there (an error when there is none), reusing the
+        run's ledger.
+    out: output folder (``None``: ``./runs/<UTC timestamp>``). A folder
+        already holding a run is refused unless ``resume`` or ``overwrite``
+        (remove the files an earlier run wrote there, then start afresh).
     address: Ray cluster to join (``None``: a local instance on 127.0.0.1);
         num_cpus: CPUs of that local instance (``None``: all cores).
     cache_dir: prepared-array cache (``None``: the data package's default).
     dp: record-level DP-SGD at every hospital (``federation.privacy.DPConfig``,
-        TOML table ``[dp]``); ``None`` trains without DP.
+        TOML table ``[dp]``); ``None`` trains without DP. ``load_config``
+        sets ``dp.planned_rounds`` to ``rounds`` unless the file gives it.
     dp_budgets: per-hospital epsilon budgets that replace ``dp.epsilon`` as
         the budget of the hospitals named (``{"hospital-03": 0.5}``); the
         noise stays calibrated to ``dp``.
@@ -143,6 +150,7 @@ class RunConfig:
     on_round_failure: str = "continue"
     checkpoint_dir: str | None = None
     resume: bool = False
+    overwrite: bool = False
     seed: int = 0
     out: str | None = None
     address: str | None = None
@@ -189,8 +197,24 @@ def load_config(
         config = from_mapping(RunConfig, mapping, where=str(path))
     if overrides:
         config = override(config, overrides)
+    dp_table = mapping.get("dp") if path is not None else None
+    if not (isinstance(dp_table, dict) and "planned_rounds" in dp_table):
+        config = plan_dp_for_run(config)
     validate(config)
     return config
+
+
+def plan_dp_for_run(config: RunConfig) -> RunConfig:
+    """``config`` with DP noise calibrated for the run's own ``rounds``.
+
+    Used where the user did not set ``planned_rounds``: calibrating for the
+    default 20 rounds in a 3-round run would spend a fraction of the budget
+    with needless noise. Unchanged without DP.
+    """
+    if config.dp is None or config.dp.planned_rounds == config.rounds:
+        return config
+    return dataclasses.replace(
+        config, dp=dataclasses.replace(config.dp, planned_rounds=config.rounds))
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
@@ -388,7 +412,8 @@ def validate(config: RunConfig) -> None:
     if config.num_cpus is not None:
         _at_least("num_cpus", config.num_cpus, 1)
     _validate_privacy(config)
-    _validate_secure_agg(config.secure_agg, config.data.hospitals)
+    _validate_secure_agg(config.secure_agg, config.data.hospitals,
+                         config.sampled_per_round())
     if config.ledger.replicas not in (3, 5):
         raise ValueError(
             "config field 'ledger.replicas' must be 3 or 5, got "
@@ -415,7 +440,8 @@ def _validate_privacy(config: RunConfig) -> None:
         _positive(f"dp_budgets.{name}", eps)
 
 
-def _validate_secure_agg(sa: SecureAggConfig, hospitals: int) -> None:
+def _validate_secure_agg(sa: SecureAggConfig, hospitals: int, sampled: int
+                         ) -> None:
     _choice("secure_agg.mode", sa.mode, SECURE_AGG_MODES)
     _choice("secure_agg.noise", sa.noise, NOISE_KINDS)
     if not isinstance(sa.dropout_threshold, (int, float)) or not (
@@ -428,10 +454,17 @@ def _validate_secure_agg(sa: SecureAggConfig, hospitals: int) -> None:
     _positive("secure_agg.clip_range", sa.clip_range)
     _at_least("secure_agg.frac_bits", sa.frac_bits, 1)
     _positive("secure_agg.stage_timeout_s", sa.stage_timeout_s)
-    if sa.mode != "none" and hospitals < 2:
+    if sa.mode != "none" and min(hospitals, sampled) < SECURE_AGG_MIN_HOSPITALS:
+        # With two, a hospital that learns the sum (every hospital under
+        # masking once the global model moves; the key holder under CKKS,
+        # itself a contributor) subtracts its own update and has the other's.
         raise ValueError(
-            f"secure aggregation (mode {sa.mode!r}) needs at least 2 hospitals, "
-            f"got {hospitals}; add hospitals or set secure_agg.mode = 'none'"
+            f"secure aggregation (mode {sa.mode!r}) needs at least "
+            f"{SECURE_AGG_MIN_HOSPITALS} hospitals in every round, got "
+            f"{hospitals} hospital(s), {sampled} sampled per round: with two, "
+            "each can subtract its own update from the sum and learn the "
+            "other's. Add hospitals, raise fraction or set secure_agg.mode = "
+            "'none'"
         )
     if sa.noise != "none":
         if sa.mode == "none":

@@ -10,10 +10,12 @@ writes the report. Every actor and the placement group it started are ended
 on success, on error and on Ctrl-C; a local Ray instance is shut down.
 
 Results schema (also ``metrics.json``): ``config``, ``dataset`` (``name``,
-``target``, ``partition``, ``train_patients``, ``test_patients``,
-``features``, ``hospitals`` from ``clinical.Prepared``, ...), ``federated``
-and ``centralized`` (``binary_metrics`` on the test patients plus
-``weights_hash``), ``local`` (``mean_auroc``, ``per_hospital``: see
+``target`` (``diabetes_onset_6m`` on synthetic data), ``partition``,
+``train_encounters`` and ``test_encounters`` (rows), ``train_patients`` and
+``test_patients`` (distinct patients, only where known), ``features``,
+``hospitals`` from ``clinical.Prepared``, ...), ``federated`` and
+``centralized`` (``binary_metrics`` on the test patients plus ``auroc_ci``,
+a 95 % bootstrap ``[lo, hi]``, and ``weights_hash``), ``local`` (``mean_auroc``, ``per_hospital``: see
 ``cluster.baselines.local_only``; ``centralized`` and ``local`` are None
 when ``config.baselines`` is False), ``rounds`` (one record per round, see
 ``Coordinator.run_round``; restored ones included after a resume),
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,12 +77,18 @@ def run_job(config: RunConfig, faults: dict | None = None) -> dict:
         tuple of both.
     Writes the report (``cluster.report.write_report``) into the output folder.
     """
-    from cluster.runtime import ray_session
+    from cluster.runtime import check_address, ray_session
 
     validate(config)
+    if config.resume and config.overwrite:
+        raise ValueError(
+            "--resume continues the run in --out and --overwrite replaces it; "
+            "pass one of them"
+        )
     if config.out is None:
         config = _with(config, out=default_out())
     out = Path(config.out)
+    own_ledger = config.ledger.dir is None
     if config.ledger.enabled:
         ledger_dir = Path(config.ledger.dir or out / "ledger").resolve()
         config = _with(config, ledger=dataclasses.replace(
@@ -87,11 +96,29 @@ def run_job(config: RunConfig, faults: dict | None = None) -> dict:
     checkpoint_dir = config.checkpoint_dir or str(out / "checkpoint")
     started = time.perf_counter()
 
+    # Every check that needs no Ray comes first: a mistake costs no start-up.
+    previous = check_out(out, config.resume, config.overwrite)
+    if config.address not in (None, "auto"):
+        check_address(config.address)
+    meta = check_resume(config, checkpoint_dir) if config.resume else None
+    t = time.perf_counter()
+    prepared = _prepare(config)
+    prepare_s = time.perf_counter() - t
+    start_hash = _start_hash(config, prepared, meta, checkpoint_dir)
+    if config.ledger.enabled and not (config.overwrite and own_ledger):
+        check_ledger_continues(Path(config.ledger.dir), meta["round"] if meta else 0,
+                               start_hash, [h["name"] for h in prepared.hospitals])
+    if config.overwrite:
+        remove_previous_run(out, previous)
+    _writable(out)
+
+    ray_started = time.perf_counter()
     with ray_session(config.address, config.num_cpus) as session:
-        ray_start = time.perf_counter() - started
-        results = _federate(config, checkpoint_dir, faults or {}, session)
+        ray_start = time.perf_counter() - ray_started
+        results = _federate(config, prepared, checkpoint_dir, faults or {}, session)
         stopping = time.perf_counter()
     phases = results["runtime"]["phase_seconds"]
+    phases["prepare"] = prepare_s
     phases["ray_start"] = ray_start
     phases["ray_stop"] = time.perf_counter() - stopping
     results["runtime"]["seconds"] = time.perf_counter() - started
@@ -106,25 +133,206 @@ def run_job(config: RunConfig, faults: dict | None = None) -> dict:
     return results
 
 
-def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
+# What ``medfed run`` writes into its output folder; ``--overwrite`` removes
+# these and nothing else.
+RUN_FILES = ("metrics.json", "report.md", "auroc_per_round.png", "calibration.png")
+RUN_DIRS = ("checkpoint", "ledger")
+# Any of these marks a folder as holding a run.
+RUN_MARKERS = ("metrics.json", "ledger", "checkpoint")
+
+
+def check_out(out: Path, resume: bool, overwrite: bool) -> list[str]:
+    """Checks the output folder before anything starts; returns what it holds.
+
+    Refuses (ValueError naming the folder) a path that is a file or lies
+    under one, and a folder already holding a run (``metrics.json``,
+    ``ledger/`` or ``checkpoint/``) unless ``resume`` (continue it) or
+    ``overwrite`` (replace it) is set. Returns the run markers found.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"--out {out} is a file, not a folder; choose a folder path"
+        )
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(
+                    f"--out {out} lies under {parent}, which is a file; choose "
+                    "a folder path"
+                )
+            if not out.exists() and not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(
+                    f"--out {out} cannot be created: {parent} is not writable"
+                )
+            break
+    held = [name for name in RUN_MARKERS if (out / name).exists()]
+    if held and not (resume or overwrite):
+        raise ValueError(
+            f"--out {out} already holds a run ({', '.join(held)}); pass --resume "
+            "to continue it, --overwrite to replace it (removes metrics.json, "
+            "report.md, the plots, checkpoint/ and ledger/ there, nothing else), "
+            "or choose another --out"
+        )
+    return held
+
+
+def remove_previous_run(out: Path, held: list[str]) -> None:
+    """Removes what an earlier ``medfed run`` wrote into ``out``, nothing else."""
+    import shutil
+
+    removed = []
+    for name in RUN_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
+            removed.append(name)
+    for name in RUN_DIRS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+            removed.append(f"{name}/")
+    if removed:
+        log.warning("--overwrite: removed %s from %s", ", ".join(removed), out)
+
+
+def _writable(out: Path) -> None:
+    """Creates ``out`` and checks a file can be written there (ValueError if not)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".medfed-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--out {out} is not a writable folder: {exc}") from exc
+
+
+def check_resume(config: RunConfig, checkpoint_dir: str) -> dict:
+    """The checkpoint's metadata, refused unless it fits this run's setup.
+
+    Raises FileNotFoundError naming the path when there is no checkpoint,
+    ``actors.checkpoint.CheckpointError`` (a ValueError) when it is damaged
+    or was written for another model, strategy, data or consortium.
+    """
+    from actors import checkpoint
+    from clinical.prepared import hospital_name
+
+    meta = checkpoint.read_meta(checkpoint_dir)
+    checkpoint.check_matches(
+        meta, checkpoint_dir, model=config.model, strategy=config.strategy,
+        data_key=config.data.key(),
+        hospitals=[hospital_name(i) for i in range(config.data.hospitals)],
+    )
+    return meta
+
+
+def _prepare(config: RunConfig):
+    from clinical.prepared import prepare
+
+    prepared = prepare(config.data, cache_dir=config.cache_dir)
+    log.info("data: %s, %d hospitals, %d training and %d test rows",
+             config.data.dataset, len(prepared.hospitals), len(prepared.y_train),
+             len(prepared.y_test))
+    return prepared
+
+
+def _start_hash(config: RunConfig, prepared, meta: dict | None,
+                checkpoint_dir: str) -> str:
+    """Hash of the global model the first round builds on; checks a resume.
+
+    With ``meta`` (resume), the checkpoint's weights must fit the model this
+    data gives (same weight count).
+    """
+    from actors import checkpoint
+    from federation.models import build_model, get_weights, weights_hash
+
+    if meta is None:
+        return weights_hash(get_weights(build_model(
+            config.model, prepared.X_train.shape[1], config.hidden, config.seed)))
+    count = sum(p.numel() for p in build_model(
+        config.model, prepared.X_train.shape[1], config.hidden, config.seed
+    ).parameters())
+    checkpoint.check_matches(
+        meta, checkpoint_dir, model=config.model, strategy=config.strategy,
+        data_key=config.data.key(), hospitals=meta["hospitals"],
+        weight_count=int(count),
+    )
+    _, weights, _ = checkpoint.load(checkpoint_dir)
+    return weights_hash(weights)
+
+
+def check_ledger_continues(ledger_dir: Path, last_round: int, model_hash: str,
+                           hospitals: list[str]) -> None:
+    """Refuses a ledger that would reject the rounds this run is about to open.
+
+    The ledger accepts round ``last_round + 1`` only when its latest opened
+    round is at most ``last_round`` and its latest global model is
+    ``model_hash`` (the model the round builds on); every hospital needs its
+    key in the ledger's consortium. Reads the replicas' block files only
+    (nothing is changed). A ledger whose blocks start at a snapshot without
+    a later round is not judged here; the ledger itself still is.
+    """
+    from ledger import entries
+    from ledger.chain import read_blocks
+    from ledger.genesis import GENESIS_FILE, Genesis
+
+    if not (ledger_dir / GENESIS_FILE).exists():
+        return
+    members = {m.id for m in Genesis.load(ledger_dir / GENESIS_FILE).members}
+    missing = [h for h in hospitals if h not in members]
+    if missing:
+        raise ValueError(
+            f"ledger {ledger_dir} belongs to another consortium: it has no "
+            f"member {', '.join(missing)}; use another --out (or ledger dir)"
+        )
+
+    latest_round, latest_model = None, None
+    for replica in sorted(ledger_dir.glob("replica-*")):
+        try:
+            blocks, _ = read_blocks(replica)
+        except FileNotFoundError:
+            continue
+        rounds, model = None, None
+        for block in blocks:
+            for item in block.entries:
+                if not item.accepted:
+                    continue
+                entry = entries.parse(item.raw)
+                if entry.type == entries.ROUND_OPEN:
+                    rounds = entry.body["round"]
+                elif entry.type == entries.GLOBAL_MODEL:
+                    model = entry.body["model_hash"]
+        if rounds is not None and (latest_round is None or rounds > latest_round):
+            latest_round, latest_model = rounds, model
+
+    if latest_round is not None and latest_round > last_round:
+        what = ("a new run starts at round 1" if last_round == 0 else
+                f"the checkpoint is at round {last_round}")
+        raise ValueError(
+            f"ledger {ledger_dir} already records round {latest_round} but "
+            f"{what}: it would refuse every round. Pass --resume with that run's "
+            "checkpoint, --overwrite to replace the run, or choose another --out"
+        )
+    if latest_model is not None and latest_model != model_hash:
+        raise ValueError(
+            f"ledger {ledger_dir} ends at global model {latest_model[:16]}..., "
+            f"but this run starts from {model_hash[:16]}...: it would refuse "
+            "every round. Resume from the checkpoint of the run that wrote it, "
+            "pass --overwrite, or choose another --out"
+        )
+    if latest_round is not None:
+        log.info("ledger %s continues after round %d", ledger_dir, latest_round)
+
+
+def _federate(config: RunConfig, prepared, checkpoint_dir: str, faults: dict,
               session: dict) -> dict:
     """Everything that needs Ray; ends every actor it starts, whatever happens."""
     from actors.coordinator import COORDINATOR_CPUS, Coordinator
     from actors.hospital import HospitalGroup, reserve_bundles, trainer_cpus
     from actors.settings import for_actors
-    from clinical.prepared import prepare
     from cluster import baselines
     from cluster.runtime import cluster_has_gpu
     from federation.models import weights_hash
 
     seconds = {}
-    t = time.perf_counter()
-    prepared = prepare(config.data, cache_dir=config.cache_dir)
-    seconds["prepare"] = time.perf_counter() - t
     names = [h["name"] for h in prepared.hospitals]
-    log.info("data: %s, %d hospitals, %d training and %d test patients (%.1f s)",
-             config.data.dataset, len(names), len(prepared.y_train),
-             len(prepared.y_test), seconds["prepare"])
 
     group = None
     hospitals: list = []
@@ -174,12 +382,15 @@ def _federate(config: RunConfig, checkpoint_dir: str, faults: dict,
 
         t = time.perf_counter()
         federated = baselines.score(config, weights, prepared.X_test, prepared.y_test)
+        federated["auroc_ci"] = auroc_ci(config, weights, prepared)
         federated["weights_hash"] = weights_hash(weights)
         federated["rounds_ok"] = sum(r["status"] == "ok" for r in records)
         centralized, local, baseline_failures = None, None, []
         if config.baselines:
             centralized = baselines.centralized(config, prepared)
-            centralized["weights_hash"] = weights_hash(centralized.pop("weights"))
+            central_weights = centralized.pop("weights")
+            centralized["auroc_ci"] = auroc_ci(config, central_weights, prepared)
+            centralized["weights_hash"] = weights_hash(central_weights)
             baseline_timeout = config.round_timeout_s * max(1, config.rounds)
             local, baseline_failures = baselines.local_only(
                 config, prepared, hospitals, weights, baseline_timeout
@@ -319,9 +530,19 @@ def ledger_summary(config: RunConfig, records: list[dict], head: dict | None
             1 for x in ledgers if x["global_model"] and x["global_model"]["accepted"]),
         "privacy_spends_recorded": sum(x.get("privacy_spends", 0) for x in ledgers),
         "excluded_updates": excluded,
-        "verify": f"medfed ledger verify --dir {config.ledger.dir}",
+        "verify": _verify_command(config.ledger.dir, head),
         "limitation": limitation,
     }
+
+
+def _verify_command(ledger_dir: str, head: dict | None) -> str:
+    """The auditor's check: the chain is whole and ends at this run's head."""
+    command = f"medfed ledger verify --dir {ledger_dir}"
+    if head and head.get("hash"):
+        command += f" --head {head['hash']}"
+        if head.get("height") is not None:
+            command += f" --height {head['height']}"
+    return command
 
 
 def _await_hospitals(hospitals: list, timeout_s: float) -> dict[str, str]:
@@ -389,21 +610,56 @@ def _shutdown(coordinator, hospitals: list, group) -> None:
             log.debug("placement group removal: %s", exc)
 
 
+# The outcome of the synthetic consortium, whatever ``data.target`` says.
+SYNTHETIC_TARGET = "diabetes_onset_6m"
+
+
 def _dataset_summary(config: RunConfig, prepared) -> dict:
-    return {
+    """What the data are; row counts as ``*_encounters``.
+
+    Distinct ``*_patients`` are given only where they are known: the
+    synthetic data hold one row per patient. ``clinical.Prepared`` carries
+    no patient ids for Diabetes 130, so its patient counts are left out.
+    """
+    synthetic = config.data.dataset == "synthetic"
+    summary = {
         "name": config.data.dataset,
-        "target": config.data.target,
+        "target": SYNTHETIC_TARGET if synthetic else config.data.target,
         "partition": config.data.partition,
         "alpha": config.data.alpha,
         "partition_note": prepared.partition_note,
         "features": int(prepared.X_train.shape[1]),
         "feature_names": list(prepared.feature_names),
-        "train_patients": int(len(prepared.y_train)),
-        "test_patients": int(len(prepared.y_test)),
+        "train_encounters": int(len(prepared.y_train)),
+        "test_encounters": int(len(prepared.y_test)),
         "train_label_rate": float(np.mean(prepared.y_train)),
         "test_label_rate": float(np.mean(prepared.y_test)),
         "hospitals": prepared.hospitals,
     }
+    if synthetic:
+        summary["train_patients"] = summary["train_encounters"]
+        summary["test_patients"] = summary["test_encounters"]
+    return summary
+
+
+def auroc_ci(config: RunConfig, weights: np.ndarray, prepared) -> list | None:
+    """95 % bootstrap interval ``[lo, hi]`` of the test AUROC of ``weights``.
+
+    Resamples test rows (``cluster.report.bootstrap_auroc_ci``); rows are
+    patients on synthetic data. Known shortcoming: on Diabetes 130 a patient
+    may have several test encounters and no patient ids reach the job, so
+    the interval is somewhat too narrow there. None when it cannot be formed
+    (one class, too few rows).
+    """
+    from cluster.report import bootstrap_auroc_ci
+    from federation.training import predict_proba
+
+    p = predict_proba(config.model, weights, prepared.X_test, hidden=config.hidden)
+    try:
+        return list(bootstrap_auroc_ci(prepared.y_test, p, seed=config.seed))
+    except ValueError as exc:
+        log.warning("no AUROC interval: %s", exc)
+        return None
 
 
 def _failures(records: list[dict]) -> list[dict]:

@@ -59,6 +59,7 @@ OUTCOMES = {
     "readmit30": "readmission within 30 days",
     "readmit_any": "any readmission",
     "synthetic": "type 2 diabetes onset within six months",
+    "diabetes_onset_6m": "type 2 diabetes onset within six months",
 }
 
 # When a note on the federated model's calibration applies: its ECE is more
@@ -636,8 +637,15 @@ def _ledger_section(ledger: dict) -> list[str]:
              f"Head hash `{ledger.get('head_hash')}` at block height "
              f"{_fmt(ledger.get('block_height'))}, {_fmt(ledger.get('replicas'))} "
              "replicas."]
-    if ledger.get("verify"):
-        lines += ["Verify the chain with:", "", f"    {ledger['verify']}"]
+    verify = ledger.get("verify")
+    if verify and ledger.get("head_hash") and "--head" not in verify:
+        # The full check: the chain is whole and ends at this run's head.
+        verify += f" --head {ledger['head_hash']}"
+        if ledger.get("block_height") is not None:
+            verify += f" --height {ledger['block_height']}"
+    if verify:
+        lines += ["Verify the chain, and that it holds this run's head, with:", "",
+                  f"    {verify}"]
     if ledger.get("dir"):
         lines += ["", "Prove that one entry (e.g. a hospital's update) is in it, "
                   "and check the proof against the verified chain:", "",

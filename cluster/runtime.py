@@ -12,13 +12,64 @@ down, on success, on error and on Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+# Seconds a joined cluster's address has to accept a TCP connection.
+PROBE_TIMEOUT_S = 5.0
+
+
+class RayStartError(RuntimeError):
+    """Ray could not be started or joined; the message says what to try."""
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """``(host, port)`` of ``HOST:PORT`` or ``ray://HOST:PORT``; ValueError else."""
+    bare = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = bare.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"Ray address {address!r} is not HOST:PORT (e.g. 127.0.0.1:6379) or "
+            "'auto'"
+        )
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Raises RayStartError unless something accepts TCP at ``address``.
+
+    Ray's own connect retries for minutes and ignores Ctrl-C when nothing
+    listens; this probe answers in at most ``timeout_s`` seconds. A listener
+    that is not Ray is still left for ``ray.init`` to find out.
+    """
+    host, port = _host_port(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise RayStartError(
+            f"no Ray cluster answers at {host}:{port} ({exc.strerror or exc}); "
+            "start one with `ray start --head --node-ip-address 127.0.0.1 "
+            "--port PORT`, check --address, or leave --address out for a local "
+            "instance"
+        ) from exc
 
 
 def _local_cpus(requested: int | None) -> int:
@@ -41,7 +92,12 @@ def ray_session(
     address: ``None`` reads ``$RAY_ADDRESS``; if that is unset too, a local
         instance is started on 127.0.0.1 with ``num_cpus`` CPUs (default:
         all cores) and ``num_gpus`` GPUs (default: what Ray detects).
-        ``"auto"`` or ``"HOST:PORT"`` joins an existing cluster.
+        ``"auto"`` or ``"HOST:PORT"`` joins an existing cluster. A
+        ``HOST:PORT`` must accept a TCP connection within
+        ``PROBE_TIMEOUT_S`` seconds; a loopback host keeps the driver on
+        127.0.0.1 too.
+    Raises RayStartError (one line on what to try) when Ray cannot be
+    started or joined.
     Yields a summary: ``{"address", "local", "nodes", "cpus", "gpus"}``.
     If Ray is already initialised in this process, it is reused and left
     running.
@@ -69,9 +125,32 @@ def ray_session(
         )
         if num_gpus is not None:
             kwargs["num_gpus"] = num_gpus
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:  # Ray raises bare Exception on a failed start
+            ray.shutdown()
+            raise RayStartError(
+                f"Ray could not start a local instance: {_first_line(exc)}. Try "
+                "again; if it persists, check free memory and free space in "
+                "/tmp (Ray's session folder), stop a stale instance with `ray "
+                "stop`, or give fewer --num-cpus"
+            ) from exc
     else:
-        ray.init(address=address, logging_level=logging.WARNING)
+        if address != "auto":
+            check_address(address)
+            if is_loopback(_host_port(address)[0]):
+                # Ray rewrites a loopback address to the machine's network
+                # address unless told the cluster is local.
+                _pin_to_loopback()
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except Exception as exc:
+            ray.shutdown()
+            raise RayStartError(
+                f"could not join the Ray cluster at {address}: "
+                f"{_first_line(exc)}; check that it runs (`ray status`) and "
+                "that this machine's Ray version matches it"
+            ) from exc
 
     try:
         info = _summary(ray, local=started_local, started=True)
@@ -83,6 +162,11 @@ def ray_session(
         yield info
     finally:
         ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
 
 
 def _pin_to_loopback() -> None:

@@ -19,7 +19,9 @@ from clinical.spec import DataSpec
 from cluster.config import RunConfig
 from federation.models import weights_hash
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+def _ray(test):
+    """Marks a test that needs the shared local Ray instance."""
+    return pytest.mark.ray(pytest.mark.slow(test))
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,7 @@ def _run(coordinator, rounds):
             for _ in range(rounds)]
 
 
+@_ray
 def test_failing_hospitals_are_dropped_and_rejoin(ray_local, data, tmp_path):
     config = _config(data, round_timeout_s=3)
     faults = {
@@ -91,6 +94,7 @@ def test_failing_hospitals_are_dropped_and_rejoin(ray_local, data, tmp_path):
     assert third["dropped"] == []
 
 
+@_ray
 def test_bad_updates_are_rejected_and_an_all_bad_round_fails(ray_local, data,
                                                              tmp_path):
     config = _config(data, rounds=2, quorum=1.0)
@@ -121,6 +125,7 @@ def test_bad_updates_are_rejected_and_an_all_bad_round_fails(ray_local, data,
     assert second["weights_hash"] == first["weights_hash"] == weights_hash(final)
 
 
+@_ray
 def test_resume_continues_from_the_saved_round(ray_local, data, tmp_path):
     config = _config(data, rounds=3, strategy="fedadam")
     groups, coordinator = _start(config, data, {}, tmp_path, count=2)
@@ -139,6 +144,17 @@ def test_resume_continues_from_the_saved_round(ray_local, data, tmp_path):
         assert state["weights_hash"] == before[-1]["weights_hash"]
         third = ray.get(coordinator.run_round.remote(), timeout=180)
         records = ray.get(coordinator.round_records.remote())
+        ray.kill(coordinator)
+
+        # A checkpoint of another strategy is refused by the first call,
+        # with the resume error itself (not the text of a dead actor).
+        coordinator = Coordinator.remote(
+            dataclasses.replace(resumed_config, strategy="fedavg"),
+            prepared.X_train.shape[1], prepared.X_test, prepared.y_test,
+            [(g.name, g.trainer) for g in groups], str(tmp_path),
+        )
+        with pytest.raises(ValueError, match="strategy 'fedadam', this run has"):
+            ray.get(coordinator.state.remote())
     finally:
         _stop(groups, coordinator)
 
@@ -160,6 +176,7 @@ def test_hospital_sample_is_seeded_per_round():
     assert sample_hospitals(names, 10, seed=7, round=1) == names
 
 
+@_ray
 def test_small_weights_travel_inline_and_large_ones_once_by_reference(ray_local):
     from actors.coordinator import INLINE_WEIGHTS_BYTES, _broadcast
 
@@ -169,3 +186,75 @@ def test_small_weights_travel_inline_and_large_ones_once_by_reference(ray_local)
     ref = _broadcast(large)
     assert isinstance(ref, ray.ObjectRef)
     assert np.array_equal(ray.get(ref), large)
+
+
+# --- checkpoint files (no Ray) -------------------------------------------------
+
+
+def _saved(folder, strategy_state, **changes):
+    from actors import checkpoint
+
+    args = dict(round=4, model="logreg", weights=np.arange(6, dtype=np.float32),
+                strategy_state=strategy_state, data_key="k" * 16,
+                hospitals=["hospital-00", "hospital-01", "hospital-02"],
+                settings={"lr": 0.5},
+                records=[{"round": 4, "auroc": np.float32(0.7), "loss": np.nan}])
+    args.update(changes)
+    return checkpoint.save(folder, **args)
+
+
+def test_checkpoint_round_trips_fedadam_state_without_pickle(tmp_path):
+    from actors import checkpoint
+    from federation.aggregation import build_strategy
+
+    strategy = build_strategy("fedadam")
+    updates_state = strategy.state_dict()
+    updates_state.update(m=np.full(6, 0.25), v=np.full(6, 0.5), steps=4)
+    _saved(tmp_path, updates_state, round=3)
+    _saved(tmp_path, updates_state)
+    meta, weights, state = checkpoint.load(tmp_path)
+    assert meta["round"] == 4 and meta["strategy_arrays"] == {"m": [6], "v": [6]}
+    assert meta["records"] == [{"round": 4, "auroc": pytest.approx(0.7),
+                                "loss": None}]
+    assert np.array_equal(weights, np.arange(6, dtype=np.float32))
+    assert np.array_equal(state["m"], np.full(6, 0.25)) and state["steps"] == 4
+    strategy.load_state_dict(state)
+    assert strategy.steps == 4
+    # Only the newest arrays file is kept.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-r00004.npz", "checkpoint.json"]
+
+
+def test_junk_or_tampered_checkpoint_is_refused_naming_the_file(tmp_path):
+    import json
+
+    from actors import checkpoint
+
+    meta_path = _saved(tmp_path, {"name": "fedavg"})
+    arrays = tmp_path / "checkpoint-r00004.npz"
+
+    # Arrays altered: the hash no longer matches.
+    original = arrays.read_bytes()
+    arrays.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(checkpoint.CheckpointError, match=str(arrays)):
+        checkpoint.load(tmp_path)
+
+    # Arrays replaced by a pickled object array and the hash redone:
+    # refused, never unpickled.
+    np.savez(arrays, weights=np.array([object()], dtype=object))
+    meta = json.loads(meta_path.read_text())
+    meta["arrays_sha256"] = checkpoint._sha256(arrays)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+        checkpoint.load(tmp_path)
+
+    meta_path.write_bytes(b"\x80\x04junk")
+    with pytest.raises(checkpoint.CheckpointError, match=str(meta_path)):
+        checkpoint.load(tmp_path)
+    meta_path.write_text(json.dumps({"version": 2, "round": "four"}))
+    with pytest.raises(checkpoint.CheckpointError, match="'hospitals'|'round'"):
+        checkpoint.load(tmp_path)
+    meta_path.unlink()
+    (tmp_path / "checkpoint.pkl").write_bytes(b"x")
+    with pytest.raises(checkpoint.CheckpointError, match="older checkpoint format"):
+        checkpoint.load(tmp_path)

@@ -40,3 +40,54 @@ def test_local_instance_reports_no_usage_statistics(ray_local):
     from ray._common.usage import usage_lib
 
     assert not usage_lib.usage_stats_enabled()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_address_where_nothing_listens_fails_fast():
+    import time
+
+    from cluster.runtime import RayStartError, check_address
+
+    port = _closed_port()
+    started = time.monotonic()
+    with pytest.raises(RayStartError, match=f"no Ray cluster answers at "
+                       f"127.0.0.1:{port}"):
+        check_address(f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 5
+    with pytest.raises(ValueError, match="not HOST:PORT"):
+        check_address("127.0.0.1")
+
+
+def test_joining_a_loopback_address_pins_ray_to_loopback(monkeypatch):
+    import socket
+
+    import ray
+    from ray._private import ray_constants
+
+    from cluster import runtime
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(
+        (kw, ray_constants.ENABLE_RAY_CLUSTER)))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(runtime, "_summary", lambda ray, local, started: {
+        "nodes": 1, "cpus": 1.0, "gpus": 0.0})
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        with runtime.ray_session(address=f"127.0.0.1:{port}"):
+            pass
+    [(kwargs, cluster_mode)] = calls
+    assert kwargs["address"] == f"127.0.0.1:{port}"
+    assert cluster_mode is False

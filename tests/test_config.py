@@ -187,3 +187,51 @@ def test_baselines_switch_from_file_and_flag(tmp_path):
     assert load_config(None, overrides_from(flagged)).baselines is False
     plain = parser.parse_args(["run"])
     assert load_config(None, overrides_from(plain)).baselines is True
+
+
+@pytest.mark.parametrize("mode", ["mask", "ckks"])
+def test_secure_aggregation_needs_three_hospitals_per_round(mode):
+    from clinical.spec import DataSpec
+    from cluster.config import SecureAggConfig
+
+    two = RunConfig(data=DataSpec(hospitals=2), secure_agg=SecureAggConfig(mode))
+    with pytest.raises(ValueError, match="at least 3 hospitals.*got 2 hospital"):
+        validate(two)
+    sampled = RunConfig(data=DataSpec(hospitals=5), fraction=0.4,
+                        secure_agg=SecureAggConfig(mode))
+    with pytest.raises(ValueError, match="2 sampled per round"):
+        validate(sampled)
+    validate(RunConfig(data=DataSpec(hospitals=3), secure_agg=SecureAggConfig(mode)))
+
+
+def _run_args(*flags):
+    import argparse
+
+    from cluster.commands.run import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return parser.parse_args(["run", *flags])
+
+
+def test_dp_alone_uses_the_default_budget_planned_for_the_run(tmp_path):
+    from cluster.commands.run import DEFAULT_EPSILON, overrides_from, with_dp_flags
+
+    args = _run_args("--dp", "--rounds", "3")
+    config = with_dp_flags(load_config(None, overrides_from(args)), args)
+    assert config.dp.epsilon == DEFAULT_EPSILON == 3.0 and config.dp.delta == 1e-5
+    assert config.dp.planned_rounds == 3
+
+    args = _run_args("--epsilon", "2", "--rounds", "4")
+    config = with_dp_flags(load_config(None, overrides_from(args)), args)
+    assert (config.dp.epsilon, config.dp.planned_rounds) == (2.0, 4)
+
+    # From a file: planned for the run's rounds unless the file says otherwise.
+    path = tmp_path / "run.toml"
+    path.write_text("rounds = 5\n[dp]\nepsilon = 1.0\n")
+    assert load_config(path).dp.planned_rounds == 5
+    assert load_config(path, {"rounds": 2}).dp.planned_rounds == 2
+    path.write_text("rounds = 5\n[dp]\nepsilon = 1.0\nplanned_rounds = 30\n")
+    args = _run_args("--epsilon", "2")
+    config = with_dp_flags(load_config(path, overrides_from(args)), args)
+    assert (config.dp.epsilon, config.dp.planned_rounds) == (2.0, 30)

@@ -279,3 +279,15 @@ def test_engineering_details_last_and_empty_rows_dropped():
     assert "limitation" not in text and "ray." not in text.split("## Run details")[0]
     ledger = _section(text, "Audit ledger")
     assert "medfed ledger verify-proof proof.json --dir /x/ledger" in ledger
+
+
+def test_ledger_check_names_the_head_and_synthetic_outcome_in_words():
+    results = _results()
+    results["ledger"].update(dir="/x/ledger", block_height=9,
+                             verify="medfed ledger verify --dir /x/ledger")
+    results["dataset"].update(name="synthetic", target="diabetes_onset_6m")
+    text = render_markdown(results)
+    assert (f"medfed ledger verify --dir /x/ledger --head {'ab' * 32} --height 9"
+            in _section(text, "Audit ledger"))
+    assert ("outcome: type 2 diabetes onset within six months "
+            "(`diabetes_onset_6m`)" in text)

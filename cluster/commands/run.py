@@ -8,6 +8,7 @@ Flags override the file; the file overrides the defaults of
 from __future__ import annotations
 
 import argparse
+import sys
 
 # Flag destination -> dotted RunConfig field. ``--seed`` sets both seeds.
 FLAG_FIELDS = {
@@ -75,13 +76,18 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, metavar="S", help="run and data seed")
     p.add_argument("--checkpoint-dir", metavar="DIR")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoint in --checkpoint-dir")
+                   help="continue the run in --out from its checkpoint "
+                        "(--checkpoint-dir) and ledger")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (removes only what "
+                        "medfed wrote there)")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/<time>)")
     p.add_argument("--address", metavar="ADDR", help="Ray cluster to join")
     p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of a local Ray")
     p.add_argument("--cache-dir", metavar="DIR", help="prepared-array cache")
     p.add_argument("--dp", action="store_true",
-                   help="record-level DP-SGD at every hospital (see --epsilon)")
+                   help="record-level DP-SGD at every hospital (default budget "
+                        "epsilon 3.0 at delta 1e-5; see --epsilon)")
     p.add_argument("--epsilon", type=float, metavar="EPS",
                    help="privacy budget per hospital over the run, at --delta")
     p.add_argument("--delta", type=float, metavar="D", help="DP delta (1e-5)")
@@ -111,6 +117,8 @@ def overrides_from(args: argparse.Namespace) -> dict:
         overrides["data.seed"] = args.seed
     if args.resume:
         overrides["resume"] = True
+    if getattr(args, "overwrite", False):
+        overrides["overwrite"] = True
     if getattr(args, "no_ledger", False):
         overrides["ledger.enabled"] = False
     if getattr(args, "no_baselines", False):
@@ -118,11 +126,18 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return overrides
 
 
+# Budget per hospital over the run when DP is on and neither epsilon nor
+# noise_multiplier is given (at the default delta 1e-5).
+DEFAULT_EPSILON = 3.0
+
+
 def with_dp_flags(config, args: argparse.Namespace):
     """``config`` with DP switched on or changed by ``--dp`` and the DP flags.
 
-    Flags override the file's ``[dp]`` table field by field; DPConfig's own
-    checks refuse invalid settings (ValueError naming the setting).
+    Flags override the file's ``[dp]`` table field by field; ``--dp`` alone
+    uses epsilon ``DEFAULT_EPSILON`` at delta 1e-5; without a ``[dp]`` table
+    the noise is calibrated for the run's ``rounds``. DPConfig's own checks
+    refuse invalid settings (ValueError naming the setting).
     """
     import dataclasses
 
@@ -137,6 +152,11 @@ def with_dp_flags(config, args: argparse.Namespace):
         return config
     settings = dataclasses.asdict(config.dp) if config.dp is not None else {}
     settings.update(given)
+    if settings.get("epsilon") is None and settings.get("noise_multiplier") is None:
+        # --dp alone: the documented default budget (configs/diabetes130.toml).
+        settings["epsilon"] = DEFAULT_EPSILON
+    # Without a [dp] table nobody chose planned_rounds: plan for this run.
+    settings.setdefault("planned_rounds", config.rounds)
     try:
         dp = DPConfig(**settings)
     except ValueError as exc:
@@ -153,6 +173,31 @@ def run_command(args: argparse.Namespace) -> int:
     config = with_dp_flags(load_config(args.config, overrides_from(args)), args)
     results = run_job(config)
     print(summary_table(results))
+    return outcome(results)
+
+
+# Exit status of a run whose every round failed: the model is untrained.
+EXIT_ALL_ROUNDS_FAILED = 3
+
+
+def outcome(results: dict) -> int:
+    """0, or ``EXIT_ALL_ROUNDS_FAILED`` with a line on stderr when no round
+    succeeded; a run with some failed rounds gets a warning line and 0."""
+
+    rounds = results.get("rounds") or []
+    failed = [r for r in rounds if r.get("status") == "failed"]
+    if not failed:
+        return 0
+    first = failed[0].get("failure") or "no reason recorded"
+    where = results["config"]["out"]
+    if len(failed) == len(rounds):
+        print(f"medfed: error: all {len(rounds)} round(s) failed, the federated "
+              f"model is untrained (round {failed[0]['round']}: {first}); see "
+              f"{where}/report.md", file=sys.stderr)
+        return EXIT_ALL_ROUNDS_FAILED
+    print(f"medfed: warning: {len(failed)} of {len(rounds)} round(s) failed "
+          f"(round {failed[0]['round']}: {first}); see {where}/report.md",
+          file=sys.stderr)
     return 0
 
 
