@@ -55,3 +55,29 @@ def test_budgets_without_dp_and_noise_without_clipping_are_refused(tmp_path):
                     "noise_sigma = 1.0\n")
     with pytest.raises(ValueError, match="noise_clip_norm"):
         load_config(path)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_short_run_spends_close_to_its_budget(ray_local, tmp_path):
+    import json
+
+    config = tmp_path / "small.toml"
+    config.write_text(
+        "lr = 1.0\n[data]\ndataset = \"synthetic\"\nhospitals = 2\n"
+        "synthetic_patients = 2000\n"
+    )
+    out = tmp_path / "out"
+    code = main(["run", str(config), "--out", str(out), "--num-cpus", "2",
+                 "--cache-dir", str(tmp_path / "cache"), "--rounds", "3",
+                 "--epsilon", "3", "--accountant", "rdp", "--no-ledger",
+                 "--no-baselines"])
+    assert code == 0
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["privacy"]["planned_rounds"] == 3
+    for name, spent in results["privacy"]["per_hospital"].items():
+        assert 2.5 < spent["epsilon_total"] <= 3.0, (name, spent)
+    sigmas = {r["privacy"][h]["noise_multiplier"] for r in results["rounds"]
+              for h in r["privacy"]}
+    assert len(sigmas) == 1 and min(sigmas) > 0
+    assert "Noise multiplier used" in (out / "report.md").read_text()

@@ -59,6 +59,9 @@ def test_a_hospital_past_its_budget_declines_and_the_run_goes_on(runs):
         assert record["loss"] is None  # DP releases no un-noised loss
 
     per = results["privacy"]["per_hospital"]
+    for record in results["rounds"]:
+        for name in ("hospital-00", "hospital-02"):
+            assert record["privacy"][name]["noise_multiplier"] > 0
     assert per["hospital-01"]["epsilon_total"] == 0.0
     assert per["hospital-01"]["rounds_trained"] == 0
     assert [d["round"] for d in per["hospital-01"]["declined"]] == [1, 2]
@@ -164,8 +167,7 @@ def test_ledger_records_the_run_and_excludes_a_forged_update(runs, tmp_path):
 
 
 def _weights(results: dict) -> np.ndarray:
-    import pickle
+    from actors import checkpoint
 
-    path = results["config"]["out"] + "/checkpoint/checkpoint.pkl"
-    with open(path, "rb") as fh:
-        return np.asarray(pickle.load(fh)["weights"])
+    _, weights, _ = checkpoint.load(results["config"]["out"] + "/checkpoint")
+    return weights
