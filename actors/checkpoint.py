@@ -217,10 +217,12 @@ def check_matches(meta: dict, folder: str | Path, *, model: str,
     weight count is checked only when given (it needs the data's width).
     """
     path = Path(folder) / META_NAME
+    # The consortium first: a different hospital count changes the data
+    # spec key too, and "3 hospitals, this run has 4" says more.
     pairs = [("model", meta["model"], model),
              ("strategy", meta["strategy_name"], strategy),
-             ("data (spec key)", meta["data_key"], data_key),
-             ("hospitals", meta["hospitals"], list(hospitals))]
+             ("hospitals", meta["hospitals"], list(hospitals)),
+             ("data (spec key)", meta["data_key"], data_key)]
     if weight_count is not None:
         pairs.append(("weight count", meta["weight_count"], weight_count))
     for what, saved, now in pairs:

@@ -231,8 +231,17 @@ def test_resume_needs_a_matching_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as caught:
         run_job(four)
     message = str(caught.value)
-    assert "checkpoint.json" in message and "spec key" in message
-    assert config.data.key() in message and four.data.key() in message
+    assert "checkpoint.json" in message
+    assert "hospitals 3: hospital-00" in message and "this run has 4:" in message
+
+    # Same consortium, other data (another seed): the spec keys are named.
+    reseeded = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, seed=9))
+    with pytest.raises(ValueError) as caught:
+        run_job(reseeded)
+    message = str(caught.value)
+    assert "spec key" in message
+    assert config.data.key() in message and reseeded.data.key() in message
 
     other_model = dataclasses.replace(config, model="mlp")
     with pytest.raises(ValueError, match="model 'logreg', this run has 'mlp'"):
