@@ -24,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[all]"
 	touch $@
 
+# `make run` replaces the previous run in $(OUT) (--overwrite), so it repeats.
 run: install
 	@if [ ! -e "$(DATA)/dataset_diabetes.zip" ] && [ ! -e "$(DATA)/diabetic_data.csv" ]; then \
 	  $(BIN)/medfed data fetch --dest "$(DATA)"; fi

@@ -91,3 +91,24 @@ def test_joining_a_loopback_address_pins_ray_to_loopback(monkeypatch):
     [(kwargs, cluster_mode)] = calls
     assert kwargs["address"] == f"127.0.0.1:{port}"
     assert cluster_mode is False
+
+
+def test_a_local_instance_that_fails_to_start_is_one_clear_error(monkeypatch):
+    import ray
+
+    from cluster import runtime
+
+    def timed_out(**kwargs):
+        raise Exception("The current node timed out during startup. This could "
+                        "happen because some of the raylet failed to startup")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", timed_out)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    with pytest.raises(runtime.RayStartError) as caught:
+        with runtime.ray_session(num_cpus=1):
+            pass
+    message = str(caught.value)
+    assert message.startswith("Ray could not start a local instance: The current "
+                              "node timed out during startup.")
+    assert "ray stop" in message and "\n" not in message
