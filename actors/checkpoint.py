@@ -184,7 +184,8 @@ def load(folder: str | Path) -> tuple[dict, np.ndarray, dict]:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except (ValueError, OSError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint arrays {path} are unreadable: {exc}") from exc
+        raise CheckpointError(
+            f"checkpoint arrays {path} are unreadable: {exc}") from exc
 
     weights = arrays.pop("weights", None)
     if weights is None or weights.ndim != 1 or weights.size != meta["weight_count"]:

@@ -6,9 +6,10 @@ it answers; the pings leave at the end of the previous round, so they cost
 no round trip of their own), send the global weights (inside each call when
 small, else once through the object store), wait for updates up to the
 round timeout, screen them (``federation.aggregation.check_update``), and
-aggregate the accepted ones if there are at least ``quorum`` of them. A hospital that raises, dies or times
-out is dropped from that round with the reason recorded; a round without
-quorum fails cleanly and leaves the global model unchanged.
+aggregate the accepted ones if there are at least ``quorum`` of them. A
+hospital that raises, dies or times out is dropped from that round with the
+reason recorded; a round without quorum fails cleanly and leaves the global
+model unchanged.
 
 With secure aggregation (``secure_agg.mode`` ``"mask"`` or ``"ckks"``) each
 hospital's update goes from its trainer to its own ``HospitalAgent``; the

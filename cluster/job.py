@@ -15,8 +15,8 @@ Results schema (also ``metrics.json``): ``config``, ``dataset`` (``name``,
 ``test_patients`` (distinct patients, only where known), ``features``,
 ``hospitals`` from ``clinical.Prepared``, ...), ``federated`` and
 ``centralized`` (``binary_metrics`` on the test patients plus ``auroc_ci``,
-a 95 % bootstrap ``[lo, hi]``, and ``weights_hash``), ``local`` (``mean_auroc``, ``per_hospital``: see
-``cluster.baselines.local_only``; ``centralized`` and ``local`` are None
+a 95 % bootstrap ``[lo, hi]``, and ``weights_hash``), ``local``
+(``mean_auroc``, ``per_hospital``: see ``cluster.baselines.local_only``; ``centralized`` and ``local`` are None
 when ``config.baselines`` is False), ``rounds`` (one record per round, see
 ``Coordinator.run_round``; restored ones included after a resume),
 ``bayes_auroc`` (synthetic data only, else None), ``failures`` (``[{"round",
@@ -76,6 +76,15 @@ def run_job(config: RunConfig, faults: dict | None = None) -> dict:
         ``actors.hospital_agent.AgentFault`` (secure-aggregation agent) or a
         tuple of both.
     Writes the report (``cluster.report.write_report``) into the output folder.
+
+    Before Ray starts (so a mistake costs no start-up) it checks the output
+    folder (``check_out``: creatable, not holding a run unless ``resume`` or
+    ``overwrite``), the Ray address (a TCP probe), the checkpoint a resume
+    continues (``check_resume``), the data (``clinical.prepare`` runs on the
+    driver first) and that the ledger accepts the next round
+    (``check_ledger_continues``); each refusal is a ValueError or
+    FileNotFoundError naming the path or value, or
+    ``cluster.runtime.RayStartError``.
     """
     from cluster.runtime import check_address, ray_session
 
