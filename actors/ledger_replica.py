@@ -11,16 +11,24 @@ Raft's order:
 1. persist snapshot, entries and changed term/vote (``DurableStorage.save``),
 2. then send the messages (fire-and-forget actor calls to the peers),
 3. then apply the snapshot and the committed entries to the ledger (one block
-   per Raft entry, fsynced),
+   per Raft entry, written but not fsynced: see below),
 4. then ``advance``.
 
 Steps 1 and 3 run in a worker thread, so calls keep arriving (and queueing
 for the next batch) while the disk syncs: this is the group commit. On the
 leader, all submissions that arrive while one Ready is being handled (at
 most ``max_batch_entries`` entries) become one Raft entry and one block. A
-steady-state Ready costs two fsyncs however many entries it carries: one for
-the Raft log (step 1) and one for the block (step 3); the hard-state file is
-rewritten (two more) only when term or vote change.
+steady-state Ready costs one fsync however many entries it carries, for the
+Raft log (step 1); the hard-state file is rewritten (two more) only when
+term or vote change.
+
+Blocks are not fsynced before answering, because the Raft log already holds
+every committed entry durably: a machine crash may cut the block file's
+unsynced tail (repaired at open), and the restarted replica re-applies the
+committed entries after its last stored block from its Raft log, which Raft
+hands out again (``applied`` is the snapshot index). Compaction fsyncs the
+block file before it drops Raft entries, so no entry is discarded whose block
+is not durable; ``stop`` fsyncs it too.
 
 Idempotency: every submission carries a key. The Raft entry holds the keys
 with their entries (``encode_submissions``), and each replica keeps a table
@@ -224,7 +232,7 @@ class LedgerReplica:
             )
 
         self.storage = DurableStorage(self.dir / "raft")
-        self.ledger = Ledger(self.dir, genesis)
+        self.ledger = Ledger(self.dir, genesis, sync_blocks=False)
         self.results: dict[str, dict] = {}
         if self.storage.repair is not None:
             await self._refill_from_peers()
@@ -526,14 +534,18 @@ class LedgerReplica:
         if applied != self._keys_applied or applied != self.node.log.applied:
             return
         async with self._ledger_lock:
-            data = await asyncio.to_thread(
-                lambda: encode_snapshot(self.ledger.snapshot(), self.results)
-            )
+            data = await asyncio.to_thread(self._durable_snapshot)
         snap = self.node.compact(applied, data)
         await asyncio.to_thread(self.storage.apply_snapshot, snap)
         self._last_compacted = applied
         log.info("replica %d compacted its log up to raft index %d (%d bytes)",
                  self.index, applied, len(data))
+
+    def _durable_snapshot(self) -> bytes:
+        """Snapshot data at the applied index, once every block up to it is
+        durable: the Raft entries it replaces are the blocks' only other copy."""
+        self.ledger.sync()
+        return encode_snapshot(self.ledger.snapshot(), self.results)
 
     # -- transport -----------------------------------------------------------
 

@@ -8,7 +8,10 @@ Each record on disk is::
     payload                 `length` bytes
 
 ``append`` and ``append_batch`` return only after ``fsync``; a batch is one
-``write`` and one ``fsync`` (group commit). At open the file is scanned: a last
+``write`` and one ``fsync`` (group commit). A log whose ``sync_appends`` is
+set to False returns from appends once the bytes are written (they survive a
+process crash, not a machine crash) and makes them durable at ``sync`` or
+``close``: for files whose contents can be rebuilt from another durable log. At open the file is scanned: a last
 record that is incomplete or fails its checksum (a write torn by a crash) is
 cut off and reported through ``RecordLog.repair`` and one warning log line. A
 bad record followed by a valid one cannot come from a torn append, so it raises
@@ -142,6 +145,9 @@ class RecordLog:
         path: the file.
         repair: the ``TailRepair`` done at open, or None when the file was intact.
         offsets: byte offset of every record, in order.
+        sync_appends: True (default): every append is fsynced before it
+            returns; False: appends are fsynced only at ``sync`` or ``close``
+            (truncate and rewrite always sync).
     """
 
     def __init__(self, path: str | Path, *, repair: bool = True) -> None:
@@ -152,6 +158,8 @@ class RecordLog:
         """
         self.path = Path(path)
         self.repair: TailRepair | None = None
+        self.sync_appends = True
+        self._unsynced = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -214,7 +222,8 @@ class RecordLog:
         return self.append_batch([payload])[0]
 
     def append_batch(self, payloads: Iterable[bytes]) -> list[int]:
-        """Append records with one write and one fsync; returns their positions."""
+        """Append records with one write and one fsync (none when
+        ``sync_appends`` is False); returns their positions."""
         chunks: list[bytes] = []
         offsets: list[int] = []
         lengths: list[int] = []
@@ -234,9 +243,12 @@ class RecordLog:
             n = os.pwrite(self._fd, view, written)
             written += n
             view = view[n:]
-        os.fsync(self._fd)
+        if self.sync_appends:
+            os.fsync(self._fd)
+        else:
+            self._unsynced = True
 
-        # Positions become visible only once the records are durable.
+        # Positions become visible only once the records are written.
         first = len(self.offsets)
         self.offsets.extend(offsets)
         self._lengths.extend(lengths)
@@ -250,6 +262,7 @@ class RecordLog:
         end = self.offsets[position]
         os.ftruncate(self._fd, end)
         os.fsync(self._fd)
+        self._unsynced = False
         del self.offsets[position:]
         del self._lengths[position:]
         self._size = end
@@ -258,6 +271,7 @@ class RecordLog:
         """Atomically replace the whole file with ``payloads`` (temp, fsync, rename)."""
         chunks = [encode_record(p) for p in payloads]
         atomic_write(self.path, b"".join(chunks))
+        self._unsynced = False
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_RDWR)
         self.offsets, self._lengths = [], []
@@ -268,8 +282,16 @@ class RecordLog:
             offset += len(chunk)
         self._size = offset
 
+    def sync(self) -> None:
+        """Make every appended record durable (fsync, only when one is pending)."""
+        if self._unsynced and self._fd >= 0:
+            os.fsync(self._fd)
+            self._unsynced = False
+
     def close(self) -> None:
+        """Sync pending appends, then close the file."""
         if self._fd >= 0:
+            self.sync()
             os.close(self._fd)
             self._fd = -1
 

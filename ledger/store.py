@@ -3,7 +3,9 @@
 ``Ledger.apply_raft_entry(index, data)`` is what a replica calls for each
 committed Raft entry, in order: the data is a batch of ledger entries
 (``ledger.entries.encode_batch``), every entry gets a verdict from
-``LedgerState`` and the batch becomes one block, fsynced before returning.
+``LedgerState`` and the batch becomes one block, fsynced before returning
+(with ``sync_blocks=False``: written, and fsynced only at ``sync`` or
+``close``; see ``Ledger``).
 Raft indexes at or below the last applied one are ignored, so re-delivery
 after a restart is harmless. Empty Raft entries (a new leader's no-op) make no
 block.
@@ -172,18 +174,31 @@ class Ledger:
 
     Not thread-safe: one caller (the replica) applies entries in Raft order.
 
+    sync_blocks: True (default): each block is fsynced before ``apply_batch``
+        returns. False: blocks are fsynced only by ``sync`` and ``close``, for
+        a caller whose own durable log (a Raft log) holds every applied entry
+        and re-applies those after ``applied_raft_index`` when it reopens: a
+        machine crash may cut the unsynced blocks (the torn tail is repaired
+        at open and ``applied_raft_index`` falls back). Such a caller must
+        call ``sync`` before discarding log entries (compaction).
+
     Attributes:
         state: the ``LedgerState`` after every applied entry.
         repair: torn tail cut from the block file at open, or None.
     """
 
-    def __init__(self, directory: str | Path, genesis: Genesis) -> None:
+    def __init__(
+        self, directory: str | Path, genesis: Genesis, sync_blocks: bool = True
+    ) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.genesis = genesis
         self._genesis_hash = genesis.hash()
         self._blocks = BlockStore(self.dir / BLOCKS_FILE)
         self.repair: TailRepair | None = self._blocks.repair
+        # BlockStore appends through its RecordLog; its sync policy is set here.
+        self._block_log = self._blocks._log
+        self._block_log.sync_appends = sync_blocks
         self._records: list[EntryRecord] = []
         self._applied_raft_index = 0
 
@@ -249,7 +264,8 @@ class Ledger:
         return self.apply_batch(raft_index, batch)
 
     def apply_batch(self, raft_index: int, entry_bytes: list[bytes]) -> Block | None:
-        """Judge each entry, store them as one block (fsync), return it.
+        """Judge each entry, store them as one block (fsync unless
+        ``sync_blocks`` is False), return it.
 
         Returns None when ``raft_index`` was already applied. If writing the
         block fails (``OSError``), the in-memory state is already ahead of the
@@ -365,5 +381,10 @@ class Ledger:
         """Write one JSON object per entry to ``out``; returns how many."""
         return write_jsonl(self._records, out)
 
+    def sync(self) -> None:
+        """Make every stored block durable (fsync, only when one is pending)."""
+        self._block_log.sync()
+
     def close(self) -> None:
+        """Sync pending blocks and close the block file."""
         self._blocks.close()

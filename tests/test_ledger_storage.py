@@ -27,6 +27,29 @@ def test_records_survive_reopen_and_batch_is_one_append(tmp_path):
         assert list(records) == [b"first", *_payloads(5)]
 
 
+def test_deferred_appends_sync_only_at_sync_and_close(tmp_path, monkeypatch):
+    path = tmp_path / "r.log"
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    records = RecordLog(path)
+    records.sync_appends = False
+    synced.clear()
+    records.append_batch(_payloads(3))
+    records.append(b"more")
+    assert synced == []
+    assert list(records) == [*_payloads(3), b"more"]
+    records.sync()
+    assert len(synced) == 1
+    records.sync()  # nothing pending: no second fsync
+    assert len(synced) == 1
+    records.append(b"last")
+    records.close()
+    assert len(synced) == 2
+    with RecordLog(path) as again:
+        assert list(again) == [*_payloads(3), b"more", b"last"]
+
+
 def test_log_cut_mid_record_is_repaired_and_reported(tmp_path, caplog):
     path = tmp_path / "r.log"
     with RecordLog(path) as records:
