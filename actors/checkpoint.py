@@ -17,6 +17,14 @@ leaves the previous checkpoint whole. Older arrays files are removed after
 the new metadata is in place. A file that is not what this module wrote
 (junk, wrong version, missing keys, an arrays file whose hash differs) is
 refused with ``CheckpointError`` (a ValueError) naming the file.
+
+Each hospital keeps its own privacy record beside it, not in the
+coordinator's checkpoint: ``<state dir>/privacy.json``
+(``write_privacy_state`` / ``read_privacy_state``), the state of its
+DP-SGD accountant (``federation.privacy.PrivateTrainer.privacy_state``),
+written the same atomic way. ``medfed run`` puts the state dirs under
+``<out>/hospitals/<name>/``; on a real deployment that folder is the
+hospital's own disk, which the coordinator never reads.
 """
 
 from __future__ import annotations
@@ -245,6 +253,60 @@ def changed_settings(meta: dict, settings: dict) -> list[str]:
     saved = meta.get("settings") or {}
     return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items()
             if _plain(saved.get(k)) != _plain(v)]
+
+
+PRIVACY_FILE = "privacy.json"
+
+
+def write_privacy_state(folder: str | Path, state: dict) -> Path:
+    """Writes a hospital's privacy state to ``folder/privacy.json`` atomically.
+
+    Temporary file, fsync, rename, then fsync of the folder: once this
+    returns, the spend survives a crash of the process or the machine.
+    Returns the path.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(state, indent=1, allow_nan=False).encode()
+    path = folder / PRIVACY_FILE
+    _atomic_write(path, lambda fh: fh.write(text))
+    _fsync_dir(folder)
+    return path
+
+
+def read_privacy_state(folder: str | Path) -> dict | None:
+    """The privacy state in ``folder/privacy.json``; None when there is none.
+
+    Raises CheckpointError naming the file when it is not a JSON object.
+    """
+    path = Path(folder) / PRIVACY_FILE
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"privacy state {path} is not valid JSON ({exc}); it is damaged. "
+            "The hospital's spend cannot be restored from it: restore the file "
+            "from a backup or start a new run with --overwrite"
+        ) from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"privacy state {path} holds no JSON object")
+    return state
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable (where the platform allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -24,6 +24,17 @@ Extension points, each in one place:
 A hospital whose next round would exceed its privacy budget declines the
 round: ``fit`` returns a ``Declined`` (with the reason) instead of an update.
 
+Privacy spend is the hospital's own record and outlives its process: under
+DP, with a ``state_dir``, the trainer writes its accountant's state to
+``<state_dir>/privacy.json`` (``actors.checkpoint.write_privacy_state``:
+temp file, fsync, rename) after every trained round and BEFORE the update
+leaves the actor, so no released update is ever missing from the record.
+The constructor restores that file when present, so a trainer Ray restarts
+after a crash, or one of a resumed run, continues its epsilon instead of
+starting from 0. ``medfed run`` uses ``<out>/hospitals/<name>/``; on a real
+deployment the folder is on the hospital's own disk. Without a
+``state_dir`` the spend lives in memory only and a restart forgets it.
+
 ``HospitalGroup`` is the driver-side handle: it creates one hospital's actors
 (trainer, and with secure aggregation its ``HospitalAgent``, which holds the
 secure-aggregation secrets and receives the trainer's update) on one
@@ -117,9 +128,17 @@ class HospitalTrainer:
         the actor process does not import the privacy stack for nothing;
         index: which hospital partition to load.
     fault: test-only failure injection (see ``Fault``); ``None`` in real runs.
+    state_dir: this hospital's own folder for its privacy record (see the
+        module docstring); None keeps the spend in memory only.
+
+    Raises ``federation.privacy.PrivacyStateError`` or
+    ``actors.checkpoint.CheckpointError`` (ValueErrors) when the saved
+    privacy record cannot be restored: the hospital does not start rather
+    than train with its spend forgotten.
     """
 
-    def __init__(self, config, index: int, fault: Fault | None = None) -> None:
+    def __init__(self, config, index: int, fault: Fault | None = None,
+                 state_dir: str | None = None) -> None:
         import torch
 
         from clinical.prepared import load_hospital
@@ -134,7 +153,9 @@ class HospitalTrainer:
         self._fault = fault
         self._data = load_hospital(config.data, index, cache_dir=config.cache_dir)
         self.name = self._data.name
+        self._state_dir = state_dir
         self._trainer = self._make_trainer()
+        self._restore_privacy()
         self._val_scorer = None
         if len(self._data.y_val):
             from actors.scoring import Scorer
@@ -173,6 +194,33 @@ class HospitalTrainer:
             proximal_mu=c.mu if c.strategy == "fedprox" else 0.0,
             hidden=c.hidden, seed=c.seed + 1000 * (self._index + 1),
         )
+
+    def _restore_privacy(self) -> None:
+        """Puts the saved privacy record back into the trainer, if there is one."""
+        if self._state_dir is None or not hasattr(self._trainer, "privacy_state"):
+            return
+        from actors.checkpoint import read_privacy_state
+
+        state = read_privacy_state(self._state_dir)
+        if state is None:
+            log.info("%s: no privacy record in %s, starting at epsilon 0",
+                     self.name, self._state_dir)
+            return
+        if state.get("hospital") != self.name:
+            raise ValueError(
+                f"{self._state_dir}: privacy record belongs to "
+                f"{state.get('hospital')!r}, not {self.name}; each hospital "
+                "needs its own state folder"
+            )
+        self._trainer.restore_privacy_state(state)
+
+    def _save_privacy(self) -> None:
+        """Writes the trainer's privacy record durably; no-op without one."""
+        if self._state_dir is None or not hasattr(self._trainer, "privacy_state"):
+            return
+        from actors.checkpoint import write_privacy_state
+
+        write_privacy_state(self._state_dir, self._trainer.privacy_state())
 
     def _load_signer(self):
         """This hospital's ledger signing key, or None when the ledger is off."""
@@ -245,6 +293,11 @@ class HospitalTrainer:
         finally:
             for key, value in saved.items():
                 setattr(self._trainer, key, value)
+
+        # The spend is on disk before anything of this round leaves: a crash
+        # from here on cannot lose a spend that was used. If the write fails
+        # the round fails and no update is released.
+        self._save_privacy()
         metrics = dict(result.metrics)
         local = self._validate(global_weights + result.delta)
         metrics["val_auroc"] = local["auroc"]
@@ -430,6 +483,7 @@ class HospitalGroup:
     aggregation (else None). ``cpus`` is the bundle's CPU share, split
     between the actors. ``kill`` ends them for good (no restart).
     agent_fault: test-only ``actors.hospital_agent.AgentFault``.
+    state_dir: the hospital's privacy record folder (``HospitalTrainer``).
     """
 
     def __init__(
@@ -441,6 +495,7 @@ class HospitalGroup:
         fault: Fault | None = None,
         cpus: float = TRAINER_CPUS,
         agent_fault=None,
+        state_dir: str | None = None,
     ) -> None:
         self.index = index
         self.name = name
@@ -455,7 +510,7 @@ class HospitalGroup:
         # A light copy: unpickling a RunConfig would load the privacy stack.
         settings = for_actors(config)
         self.trainer = HospitalTrainer.options(**options).remote(
-            settings, index, fault
+            settings, index, fault, state_dir
         )
         self.agent = None
         if secure:

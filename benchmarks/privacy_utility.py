@@ -57,6 +57,8 @@ def base_config(args: argparse.Namespace, out: Path):
     return dataclasses.replace(
         config, data=data, num_cpus=args.num_cpus, cache_dir=args.cache_dir,
         ledger=LedgerConfig(enabled=False), out=str(out),
+        # The run folders are fixed names, replaced on each benchmark run.
+        overwrite=True,
     )
 
 

@@ -80,7 +80,8 @@ def run_job(config: RunConfig, faults: dict | None = None) -> dict:
     Before Ray starts (so a mistake costs no start-up) it checks the output
     folder (``check_out``: creatable, not holding a run unless ``resume`` or
     ``overwrite``), the Ray address (a TCP probe), the checkpoint a resume
-    continues (``check_resume``), the data (``clinical.prepare`` runs on the
+    continues (``check_resume``) and, under DP, the hospitals' privacy
+    records it needs (``check_privacy_records``), the data (``clinical.prepare`` runs on the
     driver first) and that the ledger accepts the next round
     (``check_ledger_continues``); each refusal is a ValueError or
     FileNotFoundError naming the path or value, or
@@ -110,6 +111,8 @@ def run_job(config: RunConfig, faults: dict | None = None) -> dict:
     if config.address not in (None, "auto"):
         check_address(config.address)
     meta = check_resume(config, checkpoint_dir) if config.resume else None
+    if meta is not None:
+        check_privacy_records(config, out / HOSPITALS_DIR, meta)
     t = time.perf_counter()
     prepared = _prepare(config)
     prepare_s = time.perf_counter() - t
@@ -145,9 +148,13 @@ def run_job(config: RunConfig, faults: dict | None = None) -> dict:
 # What ``medfed run`` writes into its output folder; ``--overwrite`` removes
 # these and nothing else.
 RUN_FILES = ("metrics.json", "report.md", "auroc_per_round.png", "calibration.png")
-RUN_DIRS = ("checkpoint", "ledger")
+RUN_DIRS = ("checkpoint", "ledger", "hospitals")
 # Any of these marks a folder as holding a run.
-RUN_MARKERS = ("metrics.json", "ledger", "checkpoint")
+RUN_MARKERS = ("metrics.json", "ledger", "checkpoint", "hospitals")
+# Under ``out``: one folder per hospital for its own privacy record
+# (``actors.checkpoint.write_privacy_state``); on a real deployment each
+# hospital keeps it on its own disk.
+HOSPITALS_DIR = "hospitals"
 
 
 def check_out(out: Path, resume: bool, overwrite: bool) -> list[str]:
@@ -179,7 +186,8 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> list[str]:
         raise ValueError(
             f"--out {out} already holds a run ({', '.join(held)}); pass --resume "
             "to continue it, --overwrite to replace it (removes metrics.json, "
-            "report.md, the plots, checkpoint/ and ledger/ there, nothing else), "
+            "report.md, the plots, checkpoint/, ledger/ and hospitals/ there, "
+            "nothing else), "
             "or choose another --out"
         )
     return held
@@ -230,6 +238,55 @@ def check_resume(config: RunConfig, checkpoint_dir: str) -> dict:
         hospitals=[hospital_name(i) for i in range(config.data.hospitals)],
     )
     return meta
+
+
+def check_privacy_records(config: RunConfig, hospitals_dir: Path, meta: dict
+                          ) -> None:
+    """Refuses a DP resume that would forget a hospital's privacy spend.
+
+    Every hospital the checkpoint's round records show spending epsilon
+    under DP must have its record ``hospitals_dir/<name>/privacy.json``,
+    at least the epsilon last recorded for it, kept by this run's
+    accountant. Raises ValueError naming the hospital and the file
+    otherwise. Without DP in this run nothing is checked.
+    """
+    from actors.checkpoint import read_privacy_state
+
+    if config.dp is None:
+        return
+    recorded: dict[str, float] = {}
+    for rec in meta["records"]:
+        for name, spent in (rec.get("privacy") or {}).items():
+            epsilon = (spent or {}).get("epsilon") or 0.0
+            if epsilon > 0:
+                recorded[name] = max(recorded.get(name, 0.0), float(epsilon))
+    for name, epsilon in sorted(recorded.items()):
+        folder = hospitals_dir / name
+        state = read_privacy_state(folder)
+        if state is None:
+            raise ValueError(
+                f"cannot resume: {name} spent epsilon {epsilon:.4f} under DP in "
+                f"the rounds checkpointed so far, but its privacy record "
+                f"{folder / 'privacy.json'} is missing; resuming would restart "
+                "its spend from 0. Restore the file, or start a new run with "
+                "--overwrite"
+            )
+        saved = state.get("epsilon")
+        if not isinstance(saved, (int, float)) or saved < epsilon - 1e-9:
+            raise ValueError(
+                f"cannot resume: {name}'s privacy record {folder / 'privacy.json'} "
+                f"holds epsilon {saved!r}, less than the {epsilon:.4f} the "
+                "checkpoint records for it; the record is stale or altered"
+            )
+        if state.get("accountant") != config.dp.accountant:
+            raise ValueError(
+                f"cannot resume: {name}'s privacy record was kept by the "
+                f"{state.get('accountant')!r} accountant, this run uses "
+                f"{config.dp.accountant!r}; resume with the same accountant"
+            )
+    if recorded:
+        log.info("privacy records found for %d hospital(s) under %s",
+                 len(recorded), hospitals_dir)
 
 
 def _prepare(config: RunConfig):
@@ -361,10 +418,13 @@ def _federate(config: RunConfig, prepared, checkpoint_dir: str, faults: dict,
         cpus = trainer_cpus(len(names), session["cpus"], reserved)
         group = reserve_bundles(len(names), cpus, timeout_s=config.ping_timeout_s * 2)
         hospitals = []
+        # Absolute: actor processes need not share the driver's working dir.
+        states = Path(config.out).resolve() / HOSPITALS_DIR
         for i, name in enumerate(names):
             fault, agent_fault = _split_fault(faults.get(i))
             hospitals.append(HospitalGroup(config, i, name, group, fault, cpus,
-                                           agent_fault=agent_fault))
+                                           agent_fault=agent_fault,
+                                           state_dir=str(states / name)))
         agents = None
         if config.secure_agg.mode != "none":
             agents = {h.name: h.agent for h in hospitals}

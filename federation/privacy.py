@@ -24,10 +24,15 @@ Known shortcomings, stated plainly:
   significance of the least significant bits for differential privacy").
 - The hospital's row count (``num_samples``) and, if enabled, the training loss
   are released without noise; neither is covered by the epsilon.
+
+The accountant's state can be taken out (``privacy_state``, JSON-safe) and put
+back (``restore_privacy_state``), so a trainer rebuilt after a crash or on a
+resumed run continues the spend instead of starting again from epsilon 0.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import warnings
@@ -59,6 +64,13 @@ from federation.training import (
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
+
+# Version of the dict ``PrivateTrainer.privacy_state`` returns.
+PRIVACY_STATE_VERSION = 1
+
+
+class PrivacyStateError(ValueError):
+    """A saved privacy state cannot be restored into this trainer."""
 
 
 class _RowsDataset(TensorDataset):
@@ -240,6 +252,7 @@ class PrivateTrainer:
         noise_gen = None
         if not secure_mode:
             noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        self._noise_gen = noise_gen
 
         model = build_model(model_name, self.n_features, hidden, seed).to(self.device)
         self.dim = num_weights(model)
@@ -432,6 +445,114 @@ class PrivateTrainer:
             },
         )
 
+    def privacy_state(self) -> dict:
+        """The accountant's record, JSON-safe, for ``restore_privacy_state``.
+
+        Keys: ``version``, ``hospital``, ``accountant``, ``delta``,
+        ``noise_multiplier`` (the one this trainer adds), ``sample_rate``,
+        ``history`` (``[[noise_multiplier, sample_rate, steps], ...]``, what
+        the accountant composes), ``steps`` (their sum), ``rounds`` (rounds
+        trained), ``epsilon`` (spent at ``delta``, for readers; restoring
+        recomputes it from the history) and ``generators`` (base64 states
+        of the sampling and noise generators, so a restored trainer draws
+        fresh batches and noise rather than replaying those of round 1;
+        the noise entry is None under ``secure_mode``).
+        """
+        epsilon, delta = self.spent()
+        noise_state = None
+        if self._noise_gen is not None:
+            noise_state = _encode_generator(self._noise_gen)
+        return {
+            "version": PRIVACY_STATE_VERSION,
+            "hospital": self.name,
+            "accountant": self.dp.accountant,
+            "delta": float(delta),
+            "noise_multiplier": float(self.noise_multiplier),
+            "sample_rate": float(self.sample_rate),
+            "history": [[float(n), float(r), int(k)]
+                        for n, r, k in self.engine.accountant.history],
+            "steps": self.steps_taken(),
+            "rounds": int(self.rounds),
+            "epsilon": float(epsilon),
+            "generators": {"sampling": _encode_generator(self._sampling_gen),
+                           "noise": noise_state},
+        }
+
+    def restore_privacy_state(self, state: dict) -> None:
+        """Puts a ``privacy_state`` back into this trainer's accountant.
+
+        Afterwards ``spent()`` equals what it was when the state was taken,
+        and ``fit`` refuses at the budget exactly as the original trainer
+        would. Raises ``PrivacyStateError`` (a ValueError), changing
+        nothing, when the state is malformed, was kept by another
+        accountant, at another delta, or with another noise multiplier (the
+        noise is calibrated from the data size, batch size, epochs,
+        epsilon and planned rounds: resume with the settings of the run
+        that wrote it).
+        """
+        if not isinstance(state, dict):
+            raise PrivacyStateError(
+                f"{self.name}: privacy state must be a dict, got "
+                f"{type(state).__name__}")
+        if state.get("version") != PRIVACY_STATE_VERSION:
+            raise PrivacyStateError(
+                f"{self.name}: privacy state version {state.get('version')!r}, "
+                f"this trainer reads {PRIVACY_STATE_VERSION}")
+        if state.get("accountant") != self.dp.accountant:
+            raise PrivacyStateError(
+                f"{self.name}: privacy state was kept by the "
+                f"{state.get('accountant')!r} accountant, this run uses "
+                f"{self.dp.accountant!r}; resume with accountant = "
+                f"{state.get('accountant')!r}")
+        saved_delta = state.get("delta")
+        if not isinstance(saved_delta, (int, float)) or not math.isclose(
+                saved_delta, self.dp.delta, rel_tol=1e-12):
+            raise PrivacyStateError(
+                f"{self.name}: privacy state is at delta={saved_delta!r}, this "
+                f"run at delta={self.dp.delta!r}; resume with that delta")
+        saved_noise = state.get("noise_multiplier")
+        if not isinstance(saved_noise, (int, float)) or not math.isclose(
+                saved_noise, self.noise_multiplier, rel_tol=1e-9):
+            raise PrivacyStateError(
+                f"{self.name}: privacy state was spent with noise_multiplier="
+                f"{saved_noise!r}, this trainer adds {self.noise_multiplier!r}; "
+                "the noise is calibrated from epsilon, planned_rounds, batch "
+                "size, local epochs and the data: resume with the settings of "
+                "the run that wrote the state")
+        history = _parse_history(state.get("history"), self.name)
+        steps = sum(k for _, _, k in history)
+        if state.get("steps") != steps:
+            raise PrivacyStateError(
+                f"{self.name}: privacy state says {state.get('steps')!r} steps "
+                f"but its history holds {steps}; the state was altered")
+        rounds = state.get("rounds")
+        if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
+            raise PrivacyStateError(
+                f"{self.name}: privacy state rounds {rounds!r} is not a count")
+        generators = state.get("generators") or {}
+        sampling = _decode_generator(generators.get("sampling"), self.name)
+        noise = None
+        if self._noise_gen is not None:
+            noise = _decode_generator(generators.get("noise"), self.name)
+
+        try:
+            if sampling is not None:
+                self._sampling_gen.set_state(sampling)
+            if noise is not None:
+                self._noise_gen.set_state(noise.to(self._noise_gen.device))
+        except RuntimeError as exc:
+            raise PrivacyStateError(
+                f"{self.name}: privacy state holds a generator state this "
+                f"torch cannot load ({exc})") from exc
+        self.engine.accountant.history = history
+        self.rounds = rounds
+        self._spent_cache = None
+        log.info(
+            "%s: privacy state restored: %d steps over %d round(s), epsilon "
+            "%.4f at delta=%g", self.name, steps, rounds, self.spent()[0],
+            self.dp.delta,
+        )
+
     def evaluate(self, weights: np.ndarray, X: np.ndarray, y: np.ndarray) -> dict:
         """Scores ``weights`` on ``(X, y)``: ``binary_metrics`` plus mean BCE ``loss``.
 
@@ -442,3 +563,39 @@ class PrivateTrainer:
         result = binary_metrics(y, p)
         result["loss"] = log_loss(y, p)
         return result
+
+
+def _parse_history(raw, name: str) -> list[tuple[float, float, int]]:
+    """A saved accountant history, checked entry by entry."""
+    if not isinstance(raw, list):
+        raise PrivacyStateError(
+            f"{name}: privacy state history must be a list, got {raw!r}")
+    history = []
+    for item in raw:
+        ok = (isinstance(item, (list, tuple)) and len(item) == 3
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                      for v in item)
+              and item[0] > 0 and 0 < item[1] <= 1
+              and float(item[2]).is_integer() and item[2] > 0)
+        if not ok:
+            raise PrivacyStateError(
+                f"{name}: privacy state history entry {item!r} is not "
+                "[noise_multiplier > 0, sample_rate in (0, 1], steps > 0]")
+        history.append((float(item[0]), float(item[1]), int(item[2])))
+    return history
+
+
+def _encode_generator(gen: torch.Generator) -> str:
+    return base64.b64encode(gen.get_state().numpy().tobytes()).decode("ascii")
+
+
+def _decode_generator(text, name: str) -> torch.Tensor | None:
+    """A generator state saved by ``_encode_generator``; None when absent."""
+    if text is None:
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (TypeError, ValueError) as exc:
+        raise PrivacyStateError(
+            f"{name}: privacy state holds an unreadable generator state") from exc
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)

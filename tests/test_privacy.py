@@ -214,3 +214,84 @@ def test_secure_mode_without_its_package_fails_clearly():
         PrivateTrainer(
             "logreg", X, y, DPConfig(noise_multiplier=1.0), secure_mode=True
         )
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_restored_state_gives_the_same_epsilon_and_the_same_next_round(accountant):
+    import json
+
+    X, y = _separable(500, 3, seed=6)
+    dp = DPConfig(epsilon=2.0, accountant=accountant, planned_rounds=3)
+    original = PrivateTrainer("logreg", X, y, dp, batch_size=50, name="h")
+    weights = _initial(3)
+    for _ in range(2):
+        weights = weights + original.fit(weights).delta
+    # Through JSON, as the hospital's file keeps it.
+    state = json.loads(json.dumps(original.privacy_state()))
+    assert state["steps"] == original.steps_taken() > 0
+    assert state["rounds"] == 2 and state["accountant"] == accountant
+
+    restored = PrivateTrainer("logreg", X, y, dp, batch_size=50, name="h")
+    assert restored.spent()[0] == 0.0
+    restored.restore_privacy_state(state)
+    assert restored.spent() == original.spent()
+    assert restored.steps_taken() == original.steps_taken()
+    assert restored.engine.accountant.history == original.engine.accountant.history
+
+    # The generators continue too: the next round is the one the original runs.
+    a, b = original.fit(weights), restored.fit(weights)
+    assert a.metrics["epsilon"] == b.metrics["epsilon"] > state["epsilon"]
+    assert np.array_equal(a.delta, b.delta)
+
+
+def test_restored_trainer_refuses_at_its_budget_exactly_as_the_original():
+    X, y = _separable(300, 3, seed=7)
+    dp = DPConfig(noise_multiplier=1.5, accountant="rdp")
+
+    def rounds_until_refused(trainer, weights, limit=40):
+        done = 0
+        with pytest.raises(BudgetExhausted) as caught:
+            for _ in range(limit):
+                trainer.fit(weights)
+                done += 1
+        return done, str(caught.value), trainer.spent()[0]
+
+    original = PrivateTrainer("logreg", X, y, dp, batch_size=30, budget_epsilon=2.5)
+    first = PrivateTrainer("logreg", X, y, dp, batch_size=30, budget_epsilon=2.5)
+    weights = _initial(3)
+    first.fit(weights)
+    first.fit(weights)
+    restored = PrivateTrainer("logreg", X, y, dp, batch_size=30, budget_epsilon=2.5)
+    restored.restore_privacy_state(first.privacy_state())
+
+    total, message, spent = rounds_until_refused(original, weights)
+    rest, restored_message, restored_spent = rounds_until_refused(restored, weights)
+    assert total >= 3
+    assert rest == total - 2
+    assert restored_message == message
+    assert restored_spent == spent <= 2.5
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"accountant": "prv"}, "'prv' accountant, this run uses 'rdp'"),
+    ({"noise_multiplier": 1.7}, "noise_multiplier=1.7, this trainer adds 1.5"),
+    ({"delta": 1e-6}, "delta=1e-06"),
+    ({"steps": 1}, "its history holds"),
+    ({"history": [[1.5, 0.1, -3]]}, "is not [noise_multiplier > 0"),
+    ({"version": 99}, "version 99"),
+])
+def test_a_foreign_or_altered_state_is_refused_and_changes_nothing(change, words):
+    from federation.privacy import PrivacyStateError
+
+    X, y = _separable(300, 3, seed=8)
+    dp = DPConfig(noise_multiplier=1.5, accountant="rdp")
+    trainer = PrivateTrainer("logreg", X, y, dp, batch_size=30, name="h-3")
+    trainer.fit(_initial(3))
+    state = dict(trainer.privacy_state(), **change)
+
+    fresh = PrivateTrainer("logreg", X, y, dp, batch_size=30, name="h-3")
+    with pytest.raises(PrivacyStateError) as caught:
+        fresh.restore_privacy_state(state)
+    assert words in str(caught.value)
+    assert "h-3" in str(caught.value)
+    assert fresh.spent()[0] == 0.0 and fresh.steps_taken() == 0
