@@ -81,8 +81,9 @@ def run_job(config: RunConfig, faults: dict | None = None) -> dict:
     folder (``check_out``: creatable, not holding a run unless ``resume`` or
     ``overwrite``), the Ray address (a TCP probe), the checkpoint a resume
     continues (``check_resume``) and, under DP, the hospitals' privacy
-    records it needs (``check_privacy_records``), the data (``clinical.prepare`` runs on the
-    driver first) and that the ledger accepts the next round
+    records it needs (``check_privacy_records``), the data
+    (``clinical.prepare`` runs on the driver first) and that the ledger
+    accepts the next round
     (``check_ledger_continues``); each refusal is a ValueError or
     FileNotFoundError naming the path or value, or
     ``cluster.runtime.RayStartError``.
@@ -277,6 +278,22 @@ def check_privacy_records(config: RunConfig, hospitals_dir: Path, meta: dict
                 f"cannot resume: {name}'s privacy record {folder / 'privacy.json'} "
                 f"holds epsilon {saved!r}, less than the {epsilon:.4f} the "
                 "checkpoint records for it; the record is stale or altered"
+            )
+        dp = config.dp
+        if dp.noise_multiplier is not None:
+            same = state.get("noise_multiplier") == dp.noise_multiplier
+            what = f"noise_multiplier = {state.get('noise_multiplier')!r}"
+        else:
+            same = (state.get("planned_rounds") == dp.planned_rounds
+                    and state.get("target_epsilon") == dp.epsilon)
+            what = (f"epsilon = {state.get('target_epsilon')!r} and "
+                    f"planned_rounds = {state.get('planned_rounds')!r}")
+        if not same:
+            raise ValueError(
+                f"cannot resume: {name}'s privacy record {folder / 'privacy.json'} "
+                f"was spent with noise from {what}; this run would add other "
+                f"noise. Resume with that [dp] setting (planned_rounds defaults "
+                "to the run's rounds: set it in [dp] to extend a run)"
             )
         if state.get("accountant") != config.dp.accountant:
             raise ValueError(

@@ -449,7 +449,10 @@ class PrivateTrainer:
         """The accountant's record, JSON-safe, for ``restore_privacy_state``.
 
         Keys: ``version``, ``hospital``, ``accountant``, ``delta``,
-        ``noise_multiplier`` (the one this trainer adds), ``sample_rate``,
+        ``noise_multiplier`` (the one this trainer adds),
+        ``target_epsilon`` and ``planned_rounds`` (what a calibrated noise
+        was planned for, so a resume can be checked before it starts),
+        ``sample_rate``,
         ``history`` (``[[noise_multiplier, sample_rate, steps], ...]``, what
         the accountant composes), ``steps`` (their sum), ``rounds`` (rounds
         trained), ``epsilon`` (spent at ``delta``, for readers; restoring
@@ -468,6 +471,8 @@ class PrivateTrainer:
             "accountant": self.dp.accountant,
             "delta": float(delta),
             "noise_multiplier": float(self.noise_multiplier),
+            "target_epsilon": self.dp.epsilon,
+            "planned_rounds": int(self.dp.planned_rounds),
             "sample_rate": float(self.sample_rate),
             "history": [[float(n), float(r), int(k)]
                         for n, r, k in self.engine.accountant.history],

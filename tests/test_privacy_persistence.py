@@ -82,22 +82,34 @@ def _meta(epsilons: dict[str, float]) -> dict:
 def test_resume_under_dp_needs_every_spending_hospitals_record(tmp_path):
     from cluster.job import check_privacy_records
 
-    config = RunConfig(data=SPEC, dp=DPConfig(epsilon=3.0, accountant="rdp"))
+    config = RunConfig(data=SPEC, dp=DPConfig(epsilon=3.0, accountant="rdp",
+                                              planned_rounds=4))
     meta = _meta({"hospital-00": 1.0, "hospital-01": 0.8, "hospital-02": 0.0})
-    for name, eps in (("hospital-00", 1.0), ("hospital-01", 0.8)):
-        write_privacy_state(tmp_path / name, {"epsilon": eps, "accountant": "rdp"})
+
+    def record(name, **change):
+        state = {"epsilon": 0.8, "accountant": "rdp", "target_epsilon": 3.0,
+                 "planned_rounds": 4}
+        write_privacy_state(tmp_path / name, dict(state, **change))
+
+    record("hospital-00", epsilon=1.0)
+    record("hospital-01")
     check_privacy_records(config, tmp_path, meta)  # hospital-02 never spent
 
     (tmp_path / "hospital-01" / PRIVACY_FILE).unlink()
     with pytest.raises(ValueError, match="hospital-01 spent epsilon 0.8000.*missing"):
         check_privacy_records(config, tmp_path, meta)
 
-    write_privacy_state(tmp_path / "hospital-01", {"epsilon": 0.5, "accountant": "rdp"})
+    record("hospital-01", epsilon=0.5)
     with pytest.raises(ValueError, match="hospital-01's privacy record .* 0.5, less"):
         check_privacy_records(config, tmp_path, meta)
 
-    write_privacy_state(tmp_path / "hospital-01", {"epsilon": 0.8, "accountant": "prv"})
+    record("hospital-01", accountant="prv")
     with pytest.raises(ValueError, match="'prv' accountant, this run uses 'rdp'"):
+        check_privacy_records(config, tmp_path, meta)
+
+    # Noise calibrated for 2 rounds cannot continue as noise for 4.
+    record("hospital-01", planned_rounds=2)
+    with pytest.raises(ValueError, match="hospital-01.*planned_rounds = 2"):
         check_privacy_records(config, tmp_path, meta)
 
     # Without DP in this run there is no spend to continue.
