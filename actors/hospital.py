@@ -34,6 +34,11 @@ after a crash, or one of a resumed run, continues its epsilon instead of
 starting from 0. ``medfed run`` uses ``<out>/hospitals/<name>/``; on a real
 deployment the folder is on the hospital's own disk. Without a
 ``state_dir`` the spend lives in memory only and a restart forgets it.
+A crash during training, before the write, loses only steps whose result
+never left the process (nothing of them was released). A record that cannot
+be restored (other accountant or noise) makes the constructor fail: Ray
+then marks the trainer dead and the rounds drop it, rather than let it
+train with its spend forgotten.
 
 ``HospitalGroup`` is the driver-side handle: it creates one hospital's actors
 (trainer, and with secure aggregation its ``HospitalAgent``, which holds the
