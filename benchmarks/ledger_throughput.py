@@ -2,8 +2,9 @@
 
 Three ``LedgerReplica`` actors on a local Ray instance (127.0.0.1, 2 CPUs),
 each with its own directory on ``--dir``'s file system: every Raft entry is
-fsynced on every replica before it counts, every ledger entry's Ed25519
-signature is verified by every replica and every block is fsynced. Entries
+fsynced on a majority before it counts, every ledger entry's Ed25519
+signature is verified by every replica, and every block is written (fsynced
+before compaction: the Raft log already holds it durably). Entries
 are ``prediction_audit`` entries signed by the consortium's server (the same
 signing, canonical JSON and verification as a model update, and accepted by
 the rules any number of times). They are signed before each timed section;
