@@ -11,8 +11,9 @@ Each record on disk is::
 ``write`` and one ``fsync`` (group commit). A log whose ``sync_appends`` is
 set to False returns from appends once the bytes are written (they survive a
 process crash, not a machine crash) and makes them durable at ``sync`` or
-``close``: for files whose contents can be rebuilt from another durable log. At open the file is scanned: a last
-record that is incomplete or fails its checksum (a write torn by a crash) is
+``close``: for files whose contents can be rebuilt from another durable log.
+
+At open the file is scanned: a last record that is incomplete or fails its checksum (a write torn by a crash) is
 cut off and reported through ``RecordLog.repair`` and one warning log line. A
 bad record followed by a valid one cannot come from a torn append, so it raises
 ``CorruptLogError`` instead of discarding acknowledged data.
