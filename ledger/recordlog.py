@@ -13,10 +13,11 @@ set to False returns from appends once the bytes are written (they survive a
 process crash, not a machine crash) and makes them durable at ``sync`` or
 ``close``: for files whose contents can be rebuilt from another durable log.
 
-At open the file is scanned: a last record that is incomplete or fails its checksum (a write torn by a crash) is
-cut off and reported through ``RecordLog.repair`` and one warning log line. A
-bad record followed by a valid one cannot come from a torn append, so it raises
-``CorruptLogError`` instead of discarding acknowledged data.
+At open the file is scanned: a last record that is incomplete or fails its
+checksum (a write torn by a crash) is cut off and reported through
+``RecordLog.repair`` and one warning log line. A bad record followed by a
+valid one cannot come from a torn append, so it raises ``CorruptLogError``
+instead of discarding acknowledged data.
 
 Known shortcoming: the whole file is read into memory once at open, so opening
 costs memory proportional to the file size (fine for ledgers of tens of MB).
