@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from federation.jsonvalues import json_safe
 
 META_NAME = "checkpoint.json"
 VERSION = 2
@@ -332,23 +333,5 @@ def _sha256(path: Path) -> str:
 
 
 def _plain(value: Any) -> Any:
-    """``value`` as JSON values: numpy to Python, non-finite floats to None."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        f = float(value)
-        return f if math.isfinite(f) else None
-    if value is None or isinstance(value, str):
-        return value
-    raise TypeError(
-        f"cannot checkpoint {type(value).__name__} {value!r}; round records hold "
-        "numbers, strings, lists and dicts only"
-    )
+    """``value`` as plain JSON values for a checkpoint."""
+    return json_safe(value, "a checkpoint")

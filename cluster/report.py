@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from federation.jsonvalues import json_safe as _json_safe
+
 log = logging.getLogger(__name__)
 
 DIABETES130_CITATION = (
@@ -80,31 +82,8 @@ METRIC_COLUMNS = (
 
 
 def json_safe(value: Any) -> Any:
-    """Returns ``value`` with numpy types as Python ones and non-finite floats as None.
-
-    Dict keys become strings; tuples become lists; Paths become strings.
-    """
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        f = float(value)
-        return f if math.isfinite(f) else None
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, str):
-        return value
-    raise TypeError(
-        f"cannot write {type(value).__name__} {value!r} to metrics.json; "
-        "convert it to numbers, strings, lists or dicts first"
-    )
+    """``value`` as plain JSON values for ``metrics.json`` (see ``jsonvalues``)."""
+    return _json_safe(value, "metrics.json")
 
 
 def bootstrap_auroc_ci(

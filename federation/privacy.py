@@ -56,6 +56,7 @@ from federation.models import build_model, get_weights, num_weights, set_weights
 from federation.training import (
     FitResult,
     _as_features,
+    check_training_settings,
     log_loss,
     predict_proba,
     resolve_device,
@@ -63,7 +64,6 @@ from federation.training import (
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam")
 
 # Version of the dict ``PrivateTrainer.privacy_state`` returns.
 PRIVACY_STATE_VERSION = 1
@@ -200,19 +200,9 @@ class PrivateTrainer:
         proximal_mu: float = 0.0,
         name: str = "hospital",
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {optimizer!r}; "
-                f"choose one of {', '.join(OPTIMIZERS)}"
-            )
+        check_training_settings(batch_size, lr, optimizer, proximal_mu)
         if local_epochs < 1:
             raise ValueError(f"local_epochs must be at least 1, got {local_epochs}")
-        if proximal_mu < 0:
-            raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
         if proximal_mu > 0 and optimizer != "sgd":
             raise ValueError(
                 f"proximal_mu={proximal_mu} is supported with optimizer='sgd' "

@@ -98,6 +98,22 @@ def _as_features(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
+def check_training_settings(
+    batch_size: int, lr: float, optimizer: str, proximal_mu: float
+) -> None:
+    """Raises ValueError naming the first local-training setting out of range."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
+        )
+    if proximal_mu < 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+
+
 class LocalTrainer:
     """Trains one hospital's copy of the global model on its own rows.
 
@@ -130,17 +146,7 @@ class LocalTrainer:
         seed: int = 0,
         device: str = "cpu",
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {optimizer!r}; "
-                f"choose one of {', '.join(OPTIMIZERS)}"
-            )
-        if proximal_mu < 0:
-            raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+        check_training_settings(batch_size, lr, optimizer, proximal_mu)
         X, y = _as_features(X, y)
 
         self.model_name = model_name
