@@ -17,8 +17,9 @@ Results schema (also ``metrics.json``): ``config``, ``dataset`` (``name``,
 ``centralized`` (``binary_metrics`` on the test patients plus ``auroc_ci``,
 a 95 % bootstrap ``[lo, hi]``, and ``weights_hash``), ``local``
 (``mean_auroc``, ``per_hospital``: see ``cluster.baselines.local_only``;
-``centralized`` and ``local`` are None when ``config.baselines`` is False), ``rounds`` (one record per round, see
-``Coordinator.run_round``; restored ones included after a resume),
+``centralized`` and ``local`` are None when ``config.baselines`` is
+False), ``rounds`` (one record per round, see ``Coordinator.run_round``;
+restored ones included after a resume),
 ``bayes_auroc`` (synthetic data only, else None), ``failures`` (``[{"round",
 "hospital", "kind", "reason"}]``, kind ``dropped``/``rejected``/
 ``round_failed``/``baseline``) and ``runtime`` (``ray`` session summary,
