@@ -58,7 +58,7 @@ class CheckpointError(ValueError):
 def training_settings(config) -> dict:
     """The settings a resumed run should share with the run it continues.
 
-    config: a ``RunConfig`` or its ``ActorSettings`` copy. Run length,
+    config: the run's ``RunConfig``. Run length,
     timeouts, folders and Ray placement are left out: changing them on
     resume is expected.
     """

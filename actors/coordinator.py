@@ -71,9 +71,8 @@ INLINE_WEIGHTS_BYTES = 100 * 1024
 class Coordinator:
     """Runs the rounds of one federated job.
 
-    config: ``cluster.config.RunConfig``, best sent as
-        ``actors.settings.for_actors(config)`` (a light copy whose unpickling
-        does not import the privacy stack).
+    config: ``cluster.config.RunConfig`` (light to unpickle: it imports
+        neither Opacus nor PyTorch).
     n_features: input width of the model.
     X_test, y_test: held-out patients that score the global model each round.
     hospitals: ``[(name, trainer_handle)]`` in hospital index order.

@@ -69,7 +69,6 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.settings import for_actors
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +128,7 @@ class HospitalTrainer:
     """One hospital's trainer actor; its patient rows never leave the process.
 
     config: the run's ``cluster.config.RunConfig`` (data spec and training
-        settings), best sent as ``actors.settings.for_actors(config)`` so
-        the actor process does not import the privacy stack for nothing;
+        settings);
         index: which hospital partition to load.
     fault: test-only failure injection (see ``Fault``); ``None`` in real runs.
     state_dir: this hospital's own folder for its privacy record (see the
@@ -512,10 +510,8 @@ class HospitalGroup:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=index,
             )
-        # A light copy: unpickling a RunConfig would load the privacy stack.
-        settings = for_actors(config)
         self.trainer = HospitalTrainer.options(**options).remote(
-            settings, index, fault, state_dir
+            config, index, fault, state_dir
         )
         self.agent = None
         if secure:

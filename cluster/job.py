@@ -410,7 +410,6 @@ def _federate(config: RunConfig, prepared, checkpoint_dir: str, faults: dict,
     """Everything that needs Ray; ends every actor it starts, whatever happens."""
     from actors.coordinator import COORDINATOR_CPUS, Coordinator
     from actors.hospital import HospitalGroup, reserve_bundles, trainer_cpus
-    from actors.settings import for_actors
     from cluster import baselines
     from cluster.runtime import cluster_has_gpu
     from federation.models import weights_hash
@@ -448,7 +447,7 @@ def _federate(config: RunConfig, prepared, checkpoint_dir: str, faults: dict,
             agents = {h.name: h.agent for h in hospitals}
         device = "cuda" if cluster_has_gpu() else "cpu"
         coordinator = Coordinator.options(num_gpus=1 if device == "cuda" else 0).remote(
-            for_actors(config), prepared.X_train.shape[1], prepared.X_test,
+            config, prepared.X_train.shape[1], prepared.X_test,
             prepared.y_test,
             [(h.name, h.trainer) for h in hospitals], checkpoint_dir, device,
             agents=agents,
