@@ -219,6 +219,24 @@ class VerifyResult:
     head_hash: str | None = None
 
 
+def _block_file(path: str | Path) -> Path:
+    """The block file named by ``path``, or the one inside folder ``path``."""
+    path = Path(path)
+    return path / BLOCKS_FILE if path.is_dir() else path
+
+
+def _scan_block_file(path: str | Path) -> tuple[list, int, str | None, int]:
+    """``scan`` of the block file at ``path`` plus the file's size in bytes.
+
+    Raises FileNotFoundError when there is no such file.
+    """
+    path = _block_file(path)
+    if not path.exists():
+        raise FileNotFoundError(f"block file {path} not found")
+    data = path.read_bytes()
+    return (*scan(data), len(data))
+
+
 def verify(
     path: str | Path, genesis_hash: str | None = None, state: Any = None
 ) -> VerifyResult:
@@ -231,13 +249,7 @@ def verify(
     verdict, so a forged verdict is caught even when all hashes were redone.
     A damaged record is reported as the block at the height where it stands.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / BLOCKS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"block file {path} not found")
-    data = path.read_bytes()
-    records, end, why = scan(data)
+    records, end, why, size = _scan_block_file(path)
 
     prev = genesis_hash
     height = 1
@@ -265,10 +277,10 @@ def verify(
         prev = record.hash
         height += 1
         count += 1
-    if end < len(data):
+    if end < size:
         return VerifyResult(
             False, count, height,
-            f"block {height}: record at offset {end} of {path} is damaged ({why})",
+            f"block {height}: record at offset {end} of {_block_file(path)} is damaged ({why})",
             prev,
         )
     return VerifyResult(True, count, None, None, prev)
@@ -400,13 +412,7 @@ def read_blocks(path: str | Path) -> tuple[list[Block], str | None]:
     or None when the whole file was read. Nothing is checked but checksums;
     use ``verify`` to check the chain.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / BLOCKS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"block file {path} not found")
-    data = path.read_bytes()
-    records, end, why = scan(data)
+    records, end, why, size = _scan_block_file(path)
     blocks = []
     for offset, payload in records:
         try:
@@ -415,18 +421,15 @@ def read_blocks(path: str | Path) -> tuple[list[Block], str | None]:
             return blocks, f"record at offset {offset} is unreadable: {exc}"
         if isinstance(record, Block):
             blocks.append(record)
-    problem = None if end == len(data) else f"record at offset {end} is damaged ({why})"
+    problem = None if end == size else f"record at offset {end} is damaged ({why})"
     return blocks, problem
 
 
 def read_anchor(path: str | Path) -> Anchor | None:
     """The snapshot anchor a block file starts with, or None (read-only)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / BLOCKS_FILE
-    if not path.exists():
+    if not _block_file(path).exists():
         return None
-    records, _, _ = scan(path.read_bytes())
+    records, _, _, _ = _scan_block_file(path)
     if not records:
         return None
     try:
