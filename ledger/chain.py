@@ -280,7 +280,8 @@ def verify(
     if end < size:
         return VerifyResult(
             False, count, height,
-            f"block {height}: record at offset {end} of {_block_file(path)} is damaged ({why})",
+            f"block {height}: record at offset {end} of {_block_file(path)} "
+            f"is damaged ({why})",
             prev,
         )
     return VerifyResult(True, count, None, None, prev)
